@@ -1,0 +1,486 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The energy view of a Pyro model.
+
+A Pyro model with an unnormalized factor declares a density
+
+.. math::
+
+    \\log \\tilde p(v, h) = \\sum_{\\text{sample sites } s} \\log p_s(x_s \\mid \\cdot),
+
+the sum of the log-probs of every sample site of one run, ``pyro.factor`` sites
+included. :class:`EnergyView` traces the model once to learn its structure (its
+latent sites, factor sites, plates and the plate over the data) and then
+evaluates, on every later call and without re-deriving that structure:
+
+- :meth:`EnergyView.log_density`: log p̃ for given latent values, per data item or
+  summed, optionally batched over a leading chain / particle dimension;
+- :meth:`EnergyView.score`: the score :math:`\\nabla_v \\log \\tilde p(v, h)`
+  (never the energy gradient);
+- :meth:`EnergyView.latent_potential`: the potential :math:`-\\log \\tilde p`
+  over unconstrained latent values, batched over chains, for the samplers.
+
+The same machinery scores a guide: :func:`log_density` evaluates any Pyro
+callable (model or guide) at given latent values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to
+
+__all__ = [
+    "EnergyView",
+    "LatentPotential",
+    "SiteInfo",
+    "check_finite",
+    "check_guide_sites",
+    "log_density",
+    "require_reparameterized",
+]
+
+DATA_PLATE = "data"
+_CHAIN_PLATE = "_pyro_ebm_chains"
+
+
+class SiteInfo(NamedTuple):
+    """What one trace of a model tells about a latent sample site."""
+
+    name: str
+    shape: torch.Size  # value shape in one model run (batch + event)
+    batch_ndim: int
+    event_dim: int
+    support: object
+    is_discrete: bool
+    has_rsample: bool
+    dist_name: str
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """Raise a ``ValueError`` naming ``name`` and the first bad index when ``value``
+    holds NaN or Inf."""
+    if not torch.is_tensor(value) or not value.is_floating_point():
+        return
+    bad = ~torch.isfinite(value)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        kind = "NaN" if bool(torch.isnan(value[index])) else "Inf"
+        raise ValueError(
+            f"{name} contains {int(bad.sum())} non-finite value(s): {kind} at index {index} "
+            f"(shape {tuple(value.shape)})"
+        )
+
+
+def require_reparameterized(sites, why: str) -> None:
+    """Raise a ``ValueError`` naming every discrete or non-reparameterized site in
+    ``sites`` (an iterable of :class:`SiteInfo` or trace-site dicts)."""
+    bad = []
+    for site in sites:
+        if isinstance(site, SiteInfo):
+            name, discrete, rsample, dname = site.name, site.is_discrete, site.has_rsample, site.dist_name
+        else:
+            fn = site["fn"]
+            name, discrete = site["name"], fn.support.is_discrete
+            rsample, dname = fn.has_rsample, type(_base(fn)).__name__
+        if discrete or not rsample:
+            kind = "discrete" if discrete else "not reparameterized"
+            bad.append(f"'{name}' ({dname}, {kind})")
+    if bad:
+        raise ValueError(
+            f"{why} needs a gradient through the latent values, but site(s) {', '.join(bad)} "
+            "cannot carry one; use a reparameterized distribution (e.g. a relaxed Bernoulli "
+            "for binary latents) or an algorithm that does not differentiate through them"
+        )
+
+
+def check_guide_sites(model_latents, guide_sites) -> None:
+    """Raise a ``ValueError`` naming the sites by which a guide's sample sites differ
+    from the model's latent sites."""
+    model_latents, guide_sites = set(model_latents), set(guide_sites)
+    missing = sorted(model_latents - guide_sites)
+    extra = sorted(guide_sites - model_latents)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing the model's latent site(s) {missing}")
+        if extra:
+            parts.append(f"has site(s) {extra} that are not latent sites of the model")
+        raise ValueError(
+            "the guide does not match the model: it is " + " and ".join(parts)
+            + f" (model latent sites: {sorted(model_latents)})"
+        )
+
+
+def _base(fn):
+    while isinstance(fn, (dist.MaskedDistribution, dist.ExpandedDistribution, dist.Independent)):
+        fn = fn.base_dist
+    return fn
+
+
+class _LogDensity(Messenger):
+    """Substitutes latent values and collects every sample site's log-prob, reduced
+    to the kept plate dims (chain dim and / or data dim) as it goes."""
+
+    def __init__(self, values, keep_dims, total_dims, strict):
+        super().__init__()
+        self.values = values
+        self.keep_dims = keep_dims  # negative dims to keep, e.g. (-2, -1)
+        self.total_dims = total_dims  # number of batch dims of the result frame
+        self.strict = strict
+        self.terms = []
+        self.outside = []
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"] or site_is_subsample(msg):
+            return
+        value = self.values.get(msg["name"])
+        if value is None:
+            if self.strict:
+                raise ValueError(
+                    f"no value given for latent site '{msg['name']}'; "
+                    f"given: {sorted(self.values)}"
+                )
+            return
+        msg["value"] = value
+        msg["done"] = True
+
+    def _pyro_post_sample(self, msg):
+        if site_is_subsample(msg):
+            return
+        fn = msg["fn"]
+        if msg["infer"].get("_deterministic"):
+            return  # pyro.deterministic: no density
+        lp = fn.log_prob(msg["value"])
+        lp = scale_and_mask(lp, msg["scale"], msg["mask"])
+        if not torch.is_tensor(lp):
+            return
+        if lp.dim() > self.total_dims:
+            raise ValueError(
+                f"site '{msg['name']}' has log-prob shape {tuple(lp.shape)} with more batch dims "
+                f"than the model's plates ({self.total_dims}); declare its batch dims with "
+                "pyro.plate or .to_event()"
+            )
+        lp = lp.reshape((1,) * (self.total_dims - lp.dim()) + lp.shape)
+        drop = [d for d in range(-self.total_dims, 0) if d not in self.keep_dims]
+        if drop:
+            lp = lp.sum(drop, keepdim=True)
+        self.terms.append(lp)
+
+
+def log_density(fn, values, args=(), kwargs=None, keep_dims=(), total_dims=0, strict=True):
+    """Evaluate the unnormalized log density of the Pyro callable ``fn`` (a model or
+    a guide) with its latent sites set to ``values``.
+
+    The result keeps the batch dims named in ``keep_dims`` (negative, counted in a
+    frame of ``total_dims`` batch dims) and sums all others; with ``keep_dims=()``
+    it is a scalar.
+    """
+    handler = _LogDensity(values, tuple(keep_dims), total_dims, strict)
+    with handler:
+        fn(*args, **(kwargs or {}))
+    if not handler.terms:
+        return torch.zeros(())
+    total = handler.terms[0]
+    for term in handler.terms[1:]:
+        total = total + term
+    drop = tuple(d for d in range(-total_dims, 0) if d not in keep_dims)
+    if drop:
+        total = total.reshape(total.shape[: total.dim() - total_dims] + (1,) * max(0, total_dims - total.dim()) + total.shape) if total.dim() < total_dims else total
+        total = total.squeeze(drop)
+    return total
+
+
+class _Structure(NamedTuple):
+    latents: dict  # name -> SiteInfo
+    factors: tuple
+    observed: tuple
+    nesting: int  # max plate nesting of the model
+    data_dim: int | None  # the data plate's dim, if any
+    global_sites: tuple  # sites outside the data plate that carry log-prob
+
+
+class EnergyView:
+    """The energy view of a Pyro model ``model(v, *args)``: log p̃, its score w.r.t.
+    the data, per-item log p̃ and the latent potential, traced once and reused.
+
+    The structure (sites, plates) is learned from one validated trace the first
+    time the view is used with arguments of given shapes and cached; later calls
+    run the model under one light handler, with Pyro's argument validation off.
+
+    :param callable model: a Pyro model whose first argument is the data ``v``
+        (inside ``pyro.plate("data", len(v))``), or any Pyro model for
+        :meth:`latent_potential`.
+
+    >>> view = EnergyView(grbm)
+    >>> s = view.score(v, {"h": h})          # ∇_v log p̃(v, h), shape of v
+    >>> lp = view.log_density(v, {"h": h}, per_item=True)   # shape (len(v),)
+    """
+
+    def __init__(self, model: Callable):
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        self.model = model
+        self._structures = {}
+
+    # -- structure -------------------------------------------------------
+
+    def structure(self, *args, **kwargs) -> _Structure:
+        """The model's structure for arguments of these shapes (traced once)."""
+        key = tuple(_shape_key(a) for a in args) + tuple(
+            (k, _shape_key(a)) for k, a in sorted(kwargs.items())
+        )
+        found = self._structures.get(key)
+        if found is None:
+            found = self._structures[key] = self._trace_structure(args, kwargs)
+        return found
+
+    def _trace_structure(self, args, kwargs) -> _Structure:
+        for i, a in enumerate(args):
+            check_finite(f"model argument {i}" if i else "data", a)
+        with pyro.validation_enabled(True):
+            trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+        latents, factors, observed, nesting = {}, [], [], 0
+        plate_dims = {}
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            for frame in site["cond_indep_stack"]:
+                if frame.vectorized:
+                    plate_dims[frame.name] = (frame.dim, frame.size)
+                    nesting = max(nesting, -frame.dim)
+            fn = site["fn"]
+            nesting = max(nesting, len(fn.batch_shape))
+            if site["is_observed"]:
+                if site["infer"].get("is_auxiliary") and isinstance(_base(fn), dist.Unit):
+                    factors.append(name)
+                elif not site["infer"].get("_deterministic"):
+                    observed.append(name)
+                continue
+            value = site["value"]
+            latents[name] = SiteInfo(
+                name=name,
+                shape=value.shape,
+                batch_ndim=len(fn.batch_shape),
+                event_dim=fn.event_dim,
+                support=fn.support,
+                is_discrete=bool(fn.support.is_discrete),
+                has_rsample=bool(fn.has_rsample),
+                dist_name=type(_base(fn)).__name__,
+            )
+        data_dim = None
+        if DATA_PLATE in plate_dims:
+            data_dim = plate_dims[DATA_PLATE][0]
+        elif args and torch.is_tensor(args[0]) and args[0].dim() > 0:
+            sized = [d for d, n in plate_dims.values() if n == args[0].shape[0]]
+            if len(sized) == 1:
+                data_dim = sized[0]
+        global_sites = []
+        if data_dim is not None:
+            for name, site in trace.nodes.items():
+                if (site["type"] == "sample" and not site_is_subsample(site)
+                        and not site["infer"].get("_deterministic")):
+                    dims = {f.dim for f in site["cond_indep_stack"] if f.vectorized}
+                    if data_dim not in dims:
+                        global_sites.append(name)
+        return _Structure(latents, tuple(factors), tuple(observed), nesting, data_dim, tuple(global_sites))
+
+    # -- densities -------------------------------------------------------
+
+    def log_density(self, *args, values=None, per_item=False, num_chains=None, **kwargs):
+        """log p̃ of one run with latent sites set to ``values``.
+
+        :param dict values: latent values by site name; with ``num_chains=C`` each
+            carries a leading dim of size C (chains or particles).
+        :param bool per_item: keep the data plate's dim (shape ``(N,)`` or
+            ``(C, N)``); otherwise sum over it.
+        :returns: a scalar, ``(N,)``, ``(C,)`` or ``(C, N)`` tensor.
+        """
+        st = self.structure(*args, **kwargs)
+        values = values or {}
+        if per_item:
+            self._check_per_item(st)
+        total = st.nesting + (1 if num_chains else 0)
+        keep = []
+        if num_chains:
+            keep.append(-total)
+        if per_item:
+            keep.append(st.data_dim)
+        model = self.model
+        if num_chains:
+            values = {k: _pad_chain_value(v, st.latents.get(k), st.nesting) for k, v in values.items()}
+            model = _with_chain_plate(model, num_chains, -total)
+        with pyro.validation_enabled(False):
+            return log_density(model, values, args, kwargs, keep, total, strict=True)
+
+    def score(self, v, *args, values=None, create_graph=True, **kwargs):
+        """The score :math:`\\nabla_v \\log \\tilde p(v, h)` at the given latent values,
+        one row per data item (the items are independent given h).
+
+        ``create_graph=True`` keeps the graph so losses built on the score can be
+        differentiated w.r.t. the model's parameters and ``v``.
+        """
+        self._check_data(v)
+        if not v.requires_grad:
+            v = v.detach().requires_grad_(True)
+        lp = self.log_density(v, *args, values=values, **kwargs)
+        return self._grad_v(lp, v, create_graph)
+
+    def _grad_v(self, lp, v, create_graph):
+        (grad,) = torch.autograd.grad(lp.sum(), v, create_graph=create_graph, allow_unused=True)
+        if grad is None:
+            raise ValueError(
+                "the model's log density does not depend on the data: it needs a "
+                "pyro.factor or observed sample site that uses its first argument"
+            )
+        return grad
+
+    def check_model(self, v, *args, values=None, **kwargs) -> None:
+        """Validate data and model once: finite data with a batch dim, a data
+        plate, and a log density that depends on the data."""
+        self._check_data(v)
+        st = self.structure(v, *args, **kwargs)
+        if not st.factors and not st.observed:
+            raise ValueError(
+                "the model has no pyro.factor or observed sample site, so it defines no "
+                "energy over the data; add pyro.factor('energy', -E(v, h))"
+            )
+        if st.data_dim is None:
+            raise ValueError(
+                f"the model has no plate over the data's batch dim (size {v.shape[0]}); "
+                f"wrap its sites in pyro.plate('{DATA_PLATE}', len(v))"
+            )
+        self.score(v, *args, values=values, create_graph=False, **kwargs)
+
+    def _check_data(self, v):
+        if not torch.is_tensor(v):
+            raise TypeError(f"data must be a tensor, got {type(v).__name__}")
+        if v.dim() < 2:
+            raise ValueError(
+                f"data of shape {tuple(v.shape)} has no batch dimension: pass a batch of "
+                f"shape (batch, *event), e.g. v.unsqueeze(0) for one item"
+            )
+        if not v.is_floating_point():
+            raise TypeError(f"data must be a floating point tensor, got dtype {v.dtype}")
+        check_finite("data", v)
+
+    def _check_per_item(self, st):
+        if st.data_dim is None:
+            raise ValueError(f"per-item log density needs a pyro.plate('{DATA_PLATE}', ...) in the model")
+        if st.global_sites:
+            raise ValueError(
+                f"per-item log density is undefined: site(s) {list(st.global_sites)} lie "
+                f"outside the '{DATA_PLATE}' plate"
+            )
+
+    # -- potential for samplers -----------------------------------------
+
+    def latent_potential(self, *args, **kwargs) -> "LatentPotential":
+        """The potential :math:`U(z) = -\\log \\tilde p(v, T(z)) - \\log|\\det J_T(z)|`
+        over unconstrained latent values ``z`` of shape ``(chains, dim)``, where
+        ``T`` maps each site's unconstrained space onto its support
+        (``torch.distributions.biject_to``)."""
+        return LatentPotential(self, args, kwargs)
+
+
+class LatentPotential:
+    """The latent sites of one model run as a flat unconstrained vector per chain.
+
+    Calling it on ``z`` of shape ``(C, dim)`` returns the potential, shape ``(C,)``.
+    ``unpack(z)`` returns the constrained values by site, each ``(C, *site_shape)``.
+    """
+
+    def __init__(self, view: EnergyView, args, kwargs):
+        self.view, self.args, self.kwargs = view, args, kwargs
+        st = view.structure(*args, **kwargs)
+        if not st.latents:
+            raise ValueError("the model has no latent sample sites to sample")
+        discrete = [s for s in st.latents.values() if s.is_discrete]
+        if discrete:
+            names = ", ".join(f"'{s.name}' ({s.dist_name})" for s in discrete)
+            raise ValueError(
+                f"latent site(s) {names} are discrete; gradient-based samplers need "
+                "continuous latents (sum them out in the model, or use Gibbs / CD)"
+            )
+        self.structure = st
+        self.sites = []
+        offset = 0
+        for info in st.latents.values():
+            transform = biject_to(info.support)
+            ushape = transform.inverse_shape(info.shape)
+            size = math.prod(ushape)
+            self.sites.append((info, transform, ushape, slice(offset, offset + size)))
+            offset += size
+        self.dim = offset
+
+    def unpack(self, z, with_log_det=False):
+        chains = z.shape[0]
+        values, log_det = {}, 0.0
+        for info, transform, ushape, sl in self.sites:
+            u = z[:, sl].reshape((chains,) + tuple(ushape))
+            x = transform(u)
+            values[info.name] = x
+            if with_log_det:
+                ld = transform.log_abs_det_jacobian(u, x)
+                log_det = log_det + ld.reshape(chains, -1).sum(-1)
+        return (values, log_det) if with_log_det else values
+
+    def pack(self, values):
+        """Inverse of :meth:`unpack`: constrained values by site -> ``(C, dim)``."""
+        parts = []
+        for info, transform, _, _ in self.sites:
+            x = values[info.name]
+            parts.append(transform.inv(x).reshape(x.shape[0], -1))
+        return torch.cat(parts, -1)
+
+    def __call__(self, z):
+        if z.dim() != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"positions must have shape (chains, {self.dim}), got {tuple(z.shape)}")
+        values, log_det = self.unpack(z, with_log_det=True)
+        lp = self.view.log_density(*self.args, values=values, num_chains=z.shape[0], **self.kwargs)
+        return -(lp + log_det)
+
+    def sample_prior(self, num_chains):
+        """Latent draws from the model's own sampling statements, packed to ``(C, dim)``."""
+        total = self.structure.nesting + 1
+        model = _with_chain_plate(self.view.model, num_chains, -total)
+        with pyro.validation_enabled(False), torch.no_grad():
+            trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
+        values = {}
+        for info, _, _, _ in self.sites:
+            x = trace.nodes[info.name]["value"]
+            values[info.name] = x.expand((num_chains,) + (1,) * (total - 1 - info.batch_ndim) + info.shape
+                                         ).reshape((num_chains,) + info.shape)
+        return self.pack(values)
+
+
+def _shape_key(a):
+    if torch.is_tensor(a):
+        return ("tensor", tuple(a.shape), a.dtype, a.device.type)
+    if isinstance(a, (int, float, str, bool, type(None))):
+        return a
+    return type(a).__name__
+
+
+def _pad_chain_value(value, info, nesting):
+    """Reshape a chain-batched value ``(C, *site_shape)`` so that the chain dim
+    lands on the chain plate's dim, left of every model plate."""
+    if info is None:
+        return value
+    pad = nesting - info.batch_ndim
+    return value.reshape(value.shape[:1] + (1,) * pad + info.shape)
+
+
+def _with_chain_plate(model, size, dim):
+    def chained(*args, **kwargs):
+        with pyro.plate(_CHAIN_PLATE, size, dim=dim):
+            return model(*args, **kwargs)
+
+    return chained

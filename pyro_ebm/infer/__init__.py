@@ -1,0 +1,26 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Inference classes and losses for EBLVMs, shaped like ``pyro.infer.SVI``."""
+
+import importlib
+
+_WHERE = {
+    "ScoreObjective": "score_matching",
+    "ExactSM": "score_matching",
+    "SSM": "score_matching",
+    "DSM": "score_matching",
+    "MDSM": "score_matching",
+    "vaes_score": "score_matching",
+    "ContrastiveDivergence": "cd",
+    "BiSM": "bism",
+    "VaGES": "vages",
+    "KALE": "kale",
+    "MCMCTeaching": "teaching",
+    "BiDVL": "bidvl",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'pyro_ebm.infer' has no attribute {name!r}")

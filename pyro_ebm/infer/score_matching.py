@@ -1,0 +1,268 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Score-matching objectives as Pyro losses.
+
+Each objective is a callable ``loss(model, guide, *args)`` that SVI accepts for a
+model with no latent sites (``pyro.infer.SVI(grbm.marginal, lambda v: None,
+optim, loss=DSM(0.05))``), and exposes :meth:`ScoreObjective.per_item`, which
+takes any score function ``score_fn(x) -> s(x)``; BiSM and VaGES plug their
+estimated scores in there. The score is :math:`s(v) = \\nabla_v \\log \\tilde p(v)
+= -\\nabla_v E(v)` everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+
+from ..energy import EnergyView
+
+__all__ = ["DSM", "MDSM", "SSM", "ExactSM", "ScoreObjective", "energy_view", "hutchinson_trace", "noise_grid"]
+
+_VIEWS = weakref.WeakKeyDictionary()
+
+
+def energy_view(model) -> EnergyView:
+    """The one cached :class:`~pyro_ebm.energy.EnergyView` of ``model``."""
+    try:
+        view = _VIEWS.get(model)
+    except TypeError:  # not weak-referenceable
+        return EnergyView(model)
+    if view is None:
+        view = _VIEWS[model] = EnergyView(model)
+    return view
+
+
+def _flat(x):
+    return x.reshape(x.shape[0], -1)
+
+
+def hutchinson_trace(s, x, num_projections=1, noise="rademacher"):
+    """Unbiased per-item estimate of :math:`\\operatorname{tr}(\\nabla_x s(x))`:
+    :math:`\\frac1M\\sum_m u_m^\\top \\nabla_x (s(x)^\\top u_m)` with Rademacher
+    (or Gaussian) ``u``. ``s`` must be built from ``x`` with a graph."""
+    total = 0.0
+    for m in range(num_projections):
+        u = torch.randn_like(s) if noise == "gaussian" else torch.randint_like(s, 2) * 2 - 1
+        (g,) = torch.autograd.grad((s * u).sum(), x, create_graph=True, retain_graph=True)
+        total = total + _flat(g * u).sum(-1)
+    return total / num_projections
+
+
+def exact_trace(s, x):
+    """Per-item :math:`\\operatorname{tr}(\\nabla_x s(x))` by one backward pass per
+    coordinate (for small dimension)."""
+    sf = _flat(s)
+    total = 0.0
+    for d in range(sf.shape[1]):
+        (g,) = torch.autograd.grad(sf[:, d].sum(), x, create_graph=True, retain_graph=True)
+        total = total + _flat(g)[:, d]
+    return total
+
+
+def noise_grid(batch_size, sigma_min, sigma_max, like):
+    """Noise levels on a geometric grid from ``sigma_max`` down to ``sigma_min``,
+    one per batch position, shaped to broadcast against ``like``."""
+    if batch_size == 1:
+        sig = torch.full((1,), sigma_max, dtype=like.dtype, device=like.device)
+    else:
+        sig = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), batch_size,
+                                       dtype=like.dtype, device=like.device))
+    return sig.reshape((batch_size,) + (1,) * (like.dim() - 1))
+
+
+class ScoreObjective:
+    """Base class: a score-matching objective over the score of a model.
+
+    Subclasses implement :meth:`per_item`. Calling the objective as a Pyro loss
+    evaluates ``per_item`` on the model's exact score (no latent sites allowed)
+    and averages over the batch.
+    """
+
+    #: whether the objective evaluates the score at noised data
+    noised = False
+
+    def per_item(self, score_fn, v):
+        """Objective per data item, shape ``(len(v),)``, given ``score_fn(x) ->
+        ∇_x log p̃(x)`` (built with a graph w.r.t. ``x``)."""
+        raise NotImplementedError
+
+    def perturb(self, v):
+        """The data the objective evaluates scores at (noised for DSM / MDSM)."""
+        return v
+
+    def __call__(self, model, guide, *args, **kwargs):
+        if not args:
+            raise ValueError(f"{type(self).__name__} needs the data as the model's first argument")
+        v, rest = args[0], args[1:]
+        view = energy_view(model)
+        view._check_data(v)
+        st = view.structure(v, *rest, **kwargs)
+        if st.latents:
+            raise ValueError(
+                f"{type(self).__name__} as a Pyro loss needs a model with no latent sites, but the "
+                f"model has latent site(s) {sorted(st.latents)}: marginalize them (e.g. "
+                "GaussianRBM.marginal) or train with BiSM / VaGES"
+            )
+        if not st.factors and not st.observed:
+            raise ValueError(
+                "the model has no pyro.factor or observed sample site, so it defines no energy; "
+                "add pyro.factor('energy', -E(v))"
+            )
+
+        def score_fn(x):
+            return view.score(x, *rest, **kwargs)
+
+        return self.per_item(score_fn, v).mean()
+
+    def evaluate(self, model, v, *args, **kwargs):
+        """The objective's value as a float (gradients through the data only)."""
+        with torch.enable_grad():
+            return float(self(model, None, v, *args, **kwargs).detach())
+
+
+class ExactSM(ScoreObjective):
+    """Exact score matching (Hyvärinen, 2005).
+
+    .. math::
+
+        J(\\theta) = \\mathbb E_{p_\\text{data}}\\Big[\\tfrac12\\|s_\\theta(v)\\|^2
+            + \\operatorname{tr}\\nabla_v s_\\theta(v)\\Big]
+
+    The trace is exact (one backward pass per coordinate) up to ``max_exact_dim``
+    coordinates and a Hutchinson estimate with ``num_projections`` Rademacher
+    vectors above.
+
+    :param int max_exact_dim: largest data dimension with an exact trace.
+    :param int num_projections: projections of the Hutchinson estimate otherwise.
+
+    >>> svi = pyro.infer.SVI(grbm.marginal, lambda v: None, optim, loss=ExactSM())
+
+    **References:** A. Hyvärinen, "Estimation of non-normalized statistical models
+    by score matching", JMLR 2005.
+    """
+
+    def __init__(self, max_exact_dim=64, num_projections=1):
+        if max_exact_dim < 0 or num_projections < 1:
+            raise ValueError("max_exact_dim must be >= 0 and num_projections >= 1")
+        self.max_exact_dim = max_exact_dim
+        self.num_projections = num_projections
+
+    def per_item(self, score_fn, v):
+        x = v.detach().requires_grad_(True)
+        s = score_fn(x)
+        if _flat(s).shape[1] <= self.max_exact_dim:
+            trace = exact_trace(s, x)
+        else:
+            trace = hutchinson_trace(s, x, self.num_projections)
+        return 0.5 * _flat(s).pow(2).sum(-1) + trace
+
+
+class SSM(ScoreObjective):
+    """Sliced score matching.
+
+    .. math::
+
+        J(\\theta) = \\mathbb E_{p_\\text{data}}\\mathbb E_u\\Big[\\tfrac12\\|s_\\theta(v)\\|^2
+            + u^\\top \\nabla_v\\big(s_\\theta(v)^\\top u\\big)\\Big],
+            \\quad u \\sim \\text{Rademacher}
+
+    (the variance-reduced form, with the first term exact).
+
+    :param int num_projections: projection vectors per data item.
+
+    **References:** Y. Song, S. Garg, J. Shi, S. Ermon, "Sliced score matching: a
+    scalable approach to density and score estimation", UAI 2019.
+    """
+
+    def __init__(self, num_projections=1):
+        if num_projections < 1:
+            raise ValueError(f"num_projections must be >= 1, got {num_projections}")
+        self.num_projections = num_projections
+
+    def per_item(self, score_fn, v):
+        x = v.detach().requires_grad_(True)
+        s = score_fn(x)
+        return 0.5 * _flat(s).pow(2).sum(-1) + hutchinson_trace(s, x, self.num_projections)
+
+
+class DSM(ScoreObjective):
+    """Denoising score matching.
+
+    .. math::
+
+        J(\\theta) = \\mathbb E_{p_\\text{data}(v)}\\mathbb E_{\\epsilon\\sim\\mathcal N(0, I)}
+            \\Big[\\tfrac12\\big\\|s_\\theta(v + \\sigma\\epsilon) + \\epsilon/\\sigma\\big\\|^2\\Big]
+
+    Its minimizer is the score of the data convolved with :math:`\\mathcal N(0, \\sigma^2 I)`.
+
+    :param float noise_scale: σ > 0.
+
+    >>> svi = pyro.infer.SVI(grbm.marginal, lambda v: None, optim, loss=DSM(0.05))
+
+    **References:** P. Vincent, "A connection between score matching and denoising
+    autoencoders", Neural Computation 2011.
+    """
+
+    noised = True
+
+    def __init__(self, noise_scale):
+        if not noise_scale > 0:
+            raise ValueError(f"noise_scale must be > 0, got {noise_scale}")
+        self.noise_scale = float(noise_scale)
+
+    def perturb(self, v, eps=None):
+        eps = torch.randn_like(v) if eps is None else eps
+        return v + self.noise_scale * eps
+
+    def per_item(self, score_fn, v):
+        eps = torch.randn_like(v)
+        x = self.perturb(v.detach(), eps).requires_grad_(True)
+        s = score_fn(x)
+        return 0.5 * _flat(s + eps / self.noise_scale).pow(2).sum(-1)
+
+
+class MDSM(ScoreObjective):
+    """Multiscale denoising score matching.
+
+    The noise level :math:`\\sigma_i` is fixed per batch position on a geometric
+    grid from ``sigma_max`` down to ``sigma_min``:
+
+    .. math::
+
+        J(\\theta) = \\mathbb E\\Big[\\tfrac12\\big\\|s_\\theta(v_i + \\sigma_i\\epsilon)/\\sigma_i
+            + \\epsilon/\\sigma_0^2\\big\\|^2\\Big]
+
+    whose minimizer is :math:`s = (\\sigma_i^2/\\sigma_0^2)\\,\\nabla\\log p_{\\sigma_i}`.
+
+    :param float sigma_min: smallest noise level (> 0).
+    :param float sigma_max: largest noise level (≥ sigma_min).
+    :param float sigma0: the reference scale σ0 > 0.
+
+    **References:** Z. Li, Y. Chen, F. T. Sommer, "Learning energy-based models in
+    high-dimensional spaces with multi-scale denoising score matching", 2019.
+    """
+
+    noised = True
+
+    def __init__(self, sigma_min=0.05, sigma_max=1.0, sigma0=0.1):
+        if not (sigma_min > 0 and sigma_max >= sigma_min and sigma0 > 0):
+            raise ValueError(
+                f"need 0 < sigma_min <= sigma_max and sigma0 > 0, got sigma_min={sigma_min}, "
+                f"sigma_max={sigma_max}, sigma0={sigma0}"
+            )
+        self.sigma_min, self.sigma_max, self.sigma0 = float(sigma_min), float(sigma_max), float(sigma0)
+
+    def sigmas(self, v):
+        return noise_grid(v.shape[0], self.sigma_min, self.sigma_max, v)
+
+    def perturb(self, v, eps=None):
+        eps = torch.randn_like(v) if eps is None else eps
+        return v + self.sigmas(v) * eps
+
+    def per_item(self, score_fn, v):
+        eps = torch.randn_like(v)
+        x = self.perturb(v.detach(), eps).requires_grad_(True)
+        s = score_fn(x)
+        return 0.5 * _flat(s / self.sigmas(v) + eps / self.sigma0**2).pow(2).sum(-1)
