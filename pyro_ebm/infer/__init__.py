@@ -9,7 +9,7 @@ _WHERE = {
     "SSM": "score_matching",
     "DSM": "score_matching",
     "MDSM": "score_matching",
-    "vaes_score": "score_matching",
+    "vaes_score": "vages",
     "ContrastiveDivergence": "cd",
     "BiSM": "bism",
     "VaGES": "vages",
