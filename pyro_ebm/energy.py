@@ -334,7 +334,9 @@ class EnergyView:
         return self._grad_v(lp, v, create_graph)
 
     def _grad_v(self, lp, v, create_graph):
-        (grad,) = torch.autograd.grad(lp.sum(), v, create_graph=create_graph, allow_unused=True)
+        grad = None
+        if lp.requires_grad:
+            (grad,) = torch.autograd.grad(lp.sum(), v, create_graph=create_graph, allow_unused=True)
         if grad is None:
             raise ValueError(
                 "the model's log density does not depend on the data: it needs a "
