@@ -1,0 +1,269 @@
+# SPDX-License-Identifier: Apache-2.0
+"""KALE: adversarial training of a generalized energy-based model."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.optim import PyroOptim
+
+from ..energy import check_finite
+
+__all__ = ["KALE"]
+
+
+def _log_mean_exp(t):
+    return torch.logsumexp(t, 0) - math.log(t.shape[0])
+
+
+class KALE:
+    r"""Trains a :class:`~pyro_ebm.models.GEBM` by the KL Approximate Lower-bound
+    Estimate (KALE): the energy and a scalar :math:`c` form a critic that
+    maximizes a lower bound on :math:`\mathrm{KL}(P \,\|\, G)` between the data
+    :math:`P` and the base :math:`G`, and the generator minimizes that bound.
+
+    Critic (energy :math:`E` and scalar :math:`c`), ascend
+
+    .. math::
+
+        \mathcal F(E, c) = 1 - \mathbb E_{x \sim P}[E(x) + c]
+            - \mathbb E_{z \sim \eta}\big[\exp(-E(G_\theta(z)) - c)\big]
+            - \lambda\, \mathbb E_{\hat x}\big[\|\nabla_{\hat x} E(\hat x)\|^2\big],
+
+    where :math:`\hat x = \alpha x + (1 - \alpha) G_\theta(z)`,
+    :math:`\alpha \sim U(0, 1)`, are random interpolates of data and base
+    draws. Without the penalty, :math:`\sup_{E, c} \mathcal F` is
+    :math:`\mathrm{KL}(P \| G)` when :math:`-\log(dP/dG)` is in the energy
+    family, reached at :math:`E = -\log(dP/dG) + \text{const}` and
+    :math:`c = \log \mathbb E_G[e^{-E}]`; then the GEBM
+    :math:`Q \propto e^{-E} G` equals :math:`P`. The reported ``kale`` is
+    :math:`\mathcal F` without the penalty, on the current batch. Generator,
+    descend
+
+    .. math::
+
+        \mathcal L(\theta) = -\mathbb E_{x \sim P}[E(x)]
+            - \log \mathbb E_{z \sim \eta}\big[\exp(-E(G_\theta(z)))\big],
+
+    the KALE with :math:`c` at its optimum. Every expectation of an exponential
+    is a log-mean-exp (``torch.logsumexp``). One :meth:`step` makes
+    ``critic_steps`` critic updates (``warmup_critic_steps`` on the first call),
+    each on the given batch and fresh base draws, then one generator update.
+
+    Safeguards: :math:`c` starts at the Monte Carlo estimate
+    :math:`\log \frac1n \sum_i e^{-E(G_\theta(z_i))}` over ``init_samples`` base
+    draws; with ``energy_floor`` set, both objectives see
+    :math:`\max(E, E_\text{floor})` so a runaway low energy cannot blow up
+    :math:`e^{-E}` (and gets no gradient below the floor); with
+    ``c_grad_clip`` set, the gradient of :math:`c` is soft-clipped to
+    :math:`\kappa \tanh(g / \kappa)`, which leaves small gradients unchanged and
+    bounds large ones (they occur while :math:`c` is far below
+    :math:`\log \mathbb E_G[e^{-E}]`). A non-finite loss stops training with an
+    error that names the step. The energy is trained at temperature 1; the
+    model's temperature only changes sampling and :meth:`GEBM.log_partition_estimate`.
+
+    :param GEBM gebm: the model; its ``energy`` and ``generator`` are trained.
+    :param pyro.optim.PyroOptim energy_optim: optimizer of the energy's
+        parameters and :math:`c`, e.g. ``pyro.optim.Adam({"lr": 1e-4})``.
+    :param generator_optim: optimizer of the generator's parameters, or
+        ``None`` to keep the base fixed (e.g. a flow trained by maximum
+        likelihood) and train the energy alone.
+    :type generator_optim: pyro.optim.PyroOptim or None
+    :param int critic_steps: critic updates per generator update.
+    :param int warmup_critic_steps: critic updates before the first generator
+        update.
+    :param float penalty: weight :math:`\lambda \ge 0` of the gradient penalty.
+    :param energy_floor: the floor :math:`E_\text{floor}` of the energy in the
+        objectives, or ``None`` for none.
+    :type energy_floor: float or None
+    :param c_grad_clip: the soft clip :math:`\kappa > 0` of :math:`c`'s
+        gradient, or ``None`` for none.
+    :type c_grad_clip: float or None
+    :param int init_samples: base draws for the initial value of :math:`c`.
+
+    >>> gebm = GEBM(MLP(1, 2), MLP(2, 1), latent_dim=1)
+    >>> kale = KALE(gebm, pyro.optim.Adam({"lr": 1e-3, "betas": (0.5, 0.9)}),
+    ...             pyro.optim.Adam({"lr": 1e-3, "betas": (0.5, 0.9)}))
+    >>> for x in loader:
+    ...     out = kale.step(x)        # {"critic_loss": ..., "generator_loss": ..., "kale": ...}
+
+    **References:** M. Arbel, L. Zhou, A. Gretton, "Generalized Energy Based
+    Models", ICLR 2021.
+    """
+
+    def __init__(self, gebm, energy_optim, generator_optim, critic_steps: int = 5,
+                 warmup_critic_steps: int = 100, penalty: float = 1.0, energy_floor: float | None = -10.0,
+                 c_grad_clip: float | None = 1.0, init_samples: int = 1024):
+        for name, optim in (("energy_optim", energy_optim), ("generator_optim", generator_optim)):
+            if not (isinstance(optim, PyroOptim) or (optim is None and name == "generator_optim")):
+                raise TypeError(
+                    f"{name} must be a pyro.optim optimizer (e.g. pyro.optim.Adam({{'lr': 1e-3}}))"
+                    + (" or None to keep the generator fixed" if name == "generator_optim" else "")
+                    + f", got {type(optim).__name__}"
+                )
+        if int(critic_steps) != critic_steps or critic_steps < 1:
+            raise ValueError(f"critic_steps must be an integer >= 1, got {critic_steps}")
+        if int(warmup_critic_steps) != warmup_critic_steps or warmup_critic_steps < 0:
+            raise ValueError(f"warmup_critic_steps must be an integer >= 0, got {warmup_critic_steps}")
+        if not (penalty >= 0 and math.isfinite(penalty)):
+            raise ValueError(f"penalty must be a finite number >= 0, got {penalty}")
+        if energy_floor is not None and not math.isfinite(energy_floor):
+            raise ValueError(f"energy_floor must be finite or None, got {energy_floor}")
+        if c_grad_clip is not None and not (c_grad_clip > 0 and math.isfinite(c_grad_clip)):
+            raise ValueError(f"c_grad_clip must be a finite number > 0 or None, got {c_grad_clip}")
+        if int(init_samples) != init_samples or init_samples < 2:
+            raise ValueError(f"init_samples must be an integer >= 2, got {init_samples}")
+        self.gebm = gebm
+        self.energy_optim = energy_optim
+        self.generator_optim = generator_optim
+        self.critic_steps = int(critic_steps)
+        self.warmup_critic_steps = int(warmup_critic_steps)
+        self.penalty = float(penalty)
+        self.energy_floor = energy_floor
+        self.c_grad_clip = c_grad_clip
+        self.init_samples = int(init_samples)
+        #: the learned scalar :math:`c` (an estimate of :math:`\log \mathbb E_G[e^{-E}]`)
+        self.c = None
+        #: generator updates made so far
+        self.num_steps = 0
+
+    # -- public ------------------------------------------------------------
+
+    def step(self, x) -> dict:
+        """One generator iteration on the data batch ``x`` of shape
+        ``(batch, *event_shape)``: the critic updates, then the generator update.
+
+        :returns: ``{"critic_loss", "generator_loss", "kale"}`` as floats: the
+            last critic update's loss (penalty included) and KALE estimate, and
+            the generator loss.
+        """
+        x = self._check_data(x)
+        if self.c is None:
+            self._init_c()
+        updates = self.warmup_critic_steps if self.num_steps == 0 else self.critic_steps
+        out = {}
+        for k in range(max(updates, 1)):
+            out = self._critic_update(x, k)
+        out["generator_loss"] = self._generator_update(x)
+        self.num_steps += 1
+        return out
+
+    def critic_step(self, x) -> dict:
+        """One critic update on ``x`` (no generator update): ``{"critic_loss", "kale"}``."""
+        x = self._check_data(x)
+        if self.c is None:
+            self._init_c()
+        return self._critic_update(x, 0)
+
+    def evaluate_loss(self, x) -> dict:
+        """The losses and KALE estimate on ``x`` and fresh base draws, without
+        updating anything."""
+        x = self._check_data(x)
+        if self.c is None:
+            self._init_c()
+        with torch.no_grad():
+            x_g = self.gebm.sample_base(len(x))
+        kale, penalty = self._critic_terms(x, x_g)
+        with torch.no_grad():
+            generator_loss = self._generator_loss(x, x_g)
+        return {"critic_loss": float(-kale + self.penalty * penalty), "generator_loss": float(generator_loss),
+                "kale": float(kale)}
+
+    # -- the two updates ---------------------------------------------------
+
+    def _energy(self, x):
+        e = self.gebm.energy_values(x)
+        return e if self.energy_floor is None else e.clamp(min=self.energy_floor)
+
+    def _critic_terms(self, x, x_g):
+        """KALE estimate :math:`\\mathcal F` (no penalty) and the gradient penalty."""
+        c = self.c
+        e_p, e_g = self._energy(x), self._energy(x_g)
+        kale = 1.0 - (e_p + c).mean() - torch.exp(_log_mean_exp(-e_g - c))
+        if self.penalty == 0:
+            return kale, torch.zeros((), dtype=kale.dtype, device=kale.device)
+        alpha = torch.rand((len(x),) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+        with torch.enable_grad():
+            x_hat = (alpha * x + (1 - alpha) * x_g).detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.gebm.energy_values(x_hat).sum(), x_hat, create_graph=True)
+        penalty = grad.reshape(len(x), -1).pow(2).sum(-1).mean()
+        return kale, penalty
+
+    def _critic_update(self, x, k):
+        with torch.no_grad():
+            x_g = self.gebm.sample_base(len(x))
+        kale, penalty = self._critic_terms(x, x_g)
+        loss = -kale + self.penalty * penalty
+        self._check_loss("critic", loss, f"critic update {k}")
+        params = _trainable(self.gebm.energy) + [self.c]
+        _set_grads(loss, params)
+        if self.c_grad_clip is not None and self.c.grad is not None:
+            self.c.grad = self.c_grad_clip * torch.tanh(self.c.grad / self.c_grad_clip)
+        self.energy_optim(params)
+        return {"critic_loss": float(loss.detach()), "kale": float(kale.detach())}
+
+    def _generator_loss(self, x, x_g):
+        with torch.no_grad():
+            data_term = self._energy(x).mean()
+        return -data_term - _log_mean_exp(-self._energy(x_g))
+
+    def _generator_update(self, x):
+        if self.generator_optim is None:
+            with torch.no_grad():
+                loss = self._generator_loss(x, self.gebm.sample_base(len(x)))
+            self._check_loss("generator", loss, "generator update")
+            return float(loss.detach())
+        x_g = self.gebm.generator(self.gebm.sample_latent(len(x)))
+        loss = self._generator_loss(x, x_g)
+        self._check_loss("generator", loss, "generator update")
+        params = _trainable(self.gebm.generator)
+        _set_grads(loss, params)
+        self.generator_optim(params)
+        return float(loss.detach())
+
+    # -- checks and set-up -------------------------------------------------
+
+    def _init_c(self):
+        """c = log (1/n) sum_i exp(-E(G(z_i))): the optimal c for the current energy."""
+        with torch.no_grad():
+            x_g = self.gebm.sample_base(self.init_samples)
+            c = _log_mean_exp(-self._energy(x_g))
+        check_finite("initial c (log-mean-exp of -E over base draws)", c)
+        self.c = c.detach().clone().requires_grad_(True)
+
+    def _check_data(self, x):
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise TypeError(f"data must be a floating point tensor, got {type(x).__name__}"
+                            + (f" of dtype {x.dtype}" if torch.is_tensor(x) else ""))
+        if x.dim() < 2 or len(x) < 1:
+            raise ValueError(f"data must have shape (batch, *event_shape), got {tuple(x.shape)}")
+        check_finite("data", x)
+        with torch.no_grad():
+            event = self.gebm.sample_base(1).shape[1:]
+        if x.shape[1:] != event:
+            raise ValueError(
+                f"data of shape {tuple(x.shape)} has event shape {tuple(x.shape[1:])}, but the "
+                f"generator outputs samples of event shape {tuple(event)} (latent_dim="
+                f"{self.gebm.latent_dim}); the data and the generator's output must match"
+            )
+        return x.detach()
+
+    def _check_loss(self, which, loss, where):
+        if not bool(torch.isfinite(loss)):
+            raise RuntimeError(
+                f"KALE diverged at step {self.num_steps} ({where}): the {which} loss is "
+                f"{float(loss)}; lower the learning rates, raise the penalty or set energy_floor"
+            )
+
+
+def _trainable(module):
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _set_grads(loss, params):
+    """Gradients of ``loss`` into ``p.grad`` of exactly these parameters (the
+    other level's parameters are left alone)."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
