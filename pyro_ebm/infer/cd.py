@@ -1,0 +1,214 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Contrastive divergence (CD-k) and persistent contrastive divergence (PCD-k)."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import torch
+from pyro import poutine
+
+from ..energy import check_finite
+from .score_matching import energy_view
+
+__all__ = ["ContrastiveDivergence"]
+
+
+def _as_grbm(model):
+    """The :class:`~pyro_ebm.models.GaussianRBM` behind ``model`` (the module or its
+    ``.marginal``), else ``None``."""
+    from ..models.grbm import GaussianRBM
+
+    if isinstance(model, GaussianRBM):
+        return model
+    owner = getattr(model, "__self__", None)
+    if isinstance(owner, GaussianRBM) and getattr(model, "__func__", None) is GaussianRBM.marginal:
+        return owner
+    return None
+
+
+class ContrastiveDivergence:
+    r"""Maximum-likelihood training of an energy-based model with short-run MCMC
+    negatives, shaped like ``pyro.infer.SVI``.
+
+    With the free energy :math:`F_\theta(v) = -\log \tilde p_\theta(v)` (the model's
+    unnormalized log density, per item, through the energy view), the
+    log-likelihood gradient is
+    :math:`-\nabla_\theta F_\theta(v) + \mathbb E_{p_\theta}[\nabla_\theta F_\theta]`.
+    CD replaces the model expectation by negatives :math:`v^-` from ``k`` MCMC
+    steps and descends
+
+    .. math::
+
+        L(\theta) = \frac1N \sum_{n} F_\theta(v_n) - \frac1C \sum_{c} F_\theta(\operatorname{sg}(v^-_c)),
+
+    with the negatives detached (sg). CD-k starts the chains at the data batch;
+    PCD-k (``persistent=True``) keeps ``num_chains`` chains across steps, started
+    at rows of the first batch.
+
+    The sampler of the negatives:
+
+    - a :class:`~pyro_ebm.models.GaussianRBM` (the module or its ``.marginal``):
+      ``k`` block Gibbs sweeps ``v → h → v`` (:meth:`GaussianRBM.gibbs_step`), with
+      ``F`` the analytic free energy;
+    - any other Pyro model over the data with no latent sites: ``k`` steps of a
+      kernel from :mod:`pyro_ebm.mcmc` on the potential ``F`` (default
+      ``ULA(step_size=0.01)``; chains hold the data flattened to ``(C, D)``).
+      Persistent chains restart the kernel each step, since the potential changed.
+
+    A ``sampler`` given for a GaussianRBM replaces Gibbs by that kernel on ``F``.
+
+    :param model: a GaussianRBM, its ``.marginal``, or a Pyro model ``model(v)``
+        with a ``pyro.factor`` inside ``pyro.plate("data", len(v))`` and no latent sites.
+    :param pyro.optim.PyroOptim optim: optimizer of the model's parameters (param store).
+    :param int k: MCMC steps per parameter step (≥ 1).
+    :param bool persistent: keep the chains across steps (PCD).
+    :param sampler: a kernel with ``init(position, potential)`` and ``step(state)``.
+    :param int num_chains: persistent chains (default: the first batch's size).
+
+    >>> grbm = GaussianRBM(visible_dim=2, hidden_dim=8)
+    >>> cd = ContrastiveDivergence(grbm, pyro.optim.Adam({"lr": 1e-2}), k=1, persistent=True)
+    >>> for v in batches(toy("checkerboard", 4096), 128, seed=0, epochs=5):
+    ...     loss = cd.step(v)
+
+    **References**
+
+    - G. E. Hinton, "Training products of experts by minimizing contrastive
+      divergence", Neural Computation 2002.
+    - T. Tieleman, "Training restricted Boltzmann machines using approximations
+      to the likelihood gradient", ICML 2008 (PCD).
+    """
+
+    def __init__(self, model, optim, k=1, persistent=False, sampler=None, num_chains=None):
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k (MCMC steps per update) must be an int >= 1, got {k!r}")
+        if num_chains is not None:
+            if not persistent:
+                raise ValueError("num_chains sets the persistent chains: pass persistent=True or drop it")
+            if not isinstance(num_chains, int) or num_chains < 1:
+                raise ValueError(f"num_chains must be an int >= 1, got {num_chains!r}")
+        if sampler is not None and not (hasattr(sampler, "init") and hasattr(sampler, "step")):
+            raise TypeError(f"sampler must have init(position, potential) and step(state), got {sampler!r}")
+        self.grbm = _as_grbm(model)
+        self.model = self.grbm.marginal if self.grbm is not None else model
+        self.view = energy_view(self.model)
+        if sampler is None and self.grbm is None:
+            from ..mcmc.kernels import ULA
+
+            sampler = ULA(step_size=0.01)
+        self.optim, self.k, self.persistent = optim, k, persistent
+        self.sampler, self.num_chains = sampler, num_chains
+        self.chains = None  # persistent chains, (num_chains, *event)
+        self.num_steps = 0
+        self._checked = set()
+
+    # -- negatives -----------------------------------------------------------
+
+    def _check(self, v):
+        if not torch.is_tensor(v):
+            raise TypeError(f"data must be a tensor, got {type(v).__name__}")
+        check_finite("data", v)
+        key = (tuple(v.shape), v.dtype, v.device)
+        if key in self._checked:
+            return
+        st = self.view.structure(v)
+        if st.latents:
+            discrete = sorted(n for n, s in st.latents.items() if s.is_discrete)
+            what = (f"discrete latent site(s) {discrete}" if discrete
+                    else f"latent site(s) {sorted(st.latents)}")
+            raise ValueError(
+                f"ContrastiveDivergence needs the model's free energy, but the model has {what}; "
+                "sum them out in the model (as GaussianRBM.marginal does), pass a GaussianRBM, "
+                "or train with BiSM / VaGES"
+            )
+        self.view.check_model(v)
+        self._checked.add(key)
+
+    def _potential(self, event_shape):
+        def potential(x):
+            return -self.view.log_density(x.reshape((-1,) + event_shape), per_item=True)
+
+        return potential
+
+    def _start(self, v):
+        if not self.persistent:
+            return v.detach()
+        if self.chains is None:
+            n = self.num_chains or v.shape[0]
+            idx = torch.randint(v.shape[0], (n,), device=v.device) if n > v.shape[0] else (
+                torch.randperm(v.shape[0], device=v.device)[:n])
+            self.chains = v.detach()[idx]
+        return self.chains
+
+    def negatives(self, v, update=True):
+        """Negatives after ``k`` MCMC steps from the data (CD) or the persistent
+        chains (PCD, advanced in place when ``update``); detached."""
+        x = self._start(v)
+        if self.sampler is None:
+            try:
+                for _ in range(self.k):
+                    x = self.grbm.gibbs_step(x)
+            except RuntimeError as err:  # e.g. NaN hidden probabilities
+                raise ValueError(
+                    f"ContrastiveDivergence diverged at step {self.num_steps + 1}: Gibbs sampling "
+                    f"failed ({err}); lower the learning rate"
+                ) from err
+        else:
+            event = tuple(x.shape[1:])
+            state = self.sampler.init(x.reshape(x.shape[0], -1), self._potential(event))
+            for _ in range(self.k):
+                state = self.sampler.step(state)
+            x = state.position.reshape((-1,) + tuple(x.shape[1:]))
+        x = x.detach()
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"ContrastiveDivergence diverged at step {self.num_steps + 1}: the negatives "
+                "contain NaN or Inf (lower the learning rate or the sampler's step size)"
+            )
+        if self.persistent and update:
+            self.chains = x
+        return x
+
+    # -- loss and steps --------------------------------------------------------
+
+    def loss(self, v, negatives):
+        """:math:`\\overline{F(v)} - \\overline{F(v^-)}` with a graph to the parameters."""
+        free_data = -self.view.log_density(v, per_item=True)
+        free_neg = -self.view.log_density(negatives.detach(), per_item=True)
+        return free_data.mean() - free_neg.mean()
+
+    def step(self, v) -> float:
+        """One parameter update on the batch ``v``; returns the loss."""
+        self._check(v)
+        negatives = self.negatives(v)
+        with poutine.trace(param_only=True) as capture:
+            loss = self.loss(v, negatives)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"ContrastiveDivergence diverged at step {self.num_steps + 1}: loss is {value}"
+                )
+            loss.backward()
+        sites = capture.trace.nodes
+        params = {site["value"].unconstrained() for site in sites.values()}
+        self.optim(params)
+        pyro.infer.util.zero_grads(params)
+        self.num_steps += 1
+        bad = [name for name, site in sites.items() if not bool(torch.isfinite(site["value"]).all())]
+        if bad:
+            raise ValueError(
+                f"ContrastiveDivergence diverged at step {self.num_steps}: parameter(s) {bad} became "
+                "non-finite (lower the learning rate)"
+            )
+        return value
+
+    def evaluate_loss(self, v) -> float:
+        """The loss on ``v`` with fresh negatives, without updating parameters or
+        persistent chains."""
+        self._check(v)
+        negatives = self.negatives(v, update=False)
+        with torch.no_grad():
+            return float(self.loss(v, negatives))
