@@ -69,14 +69,15 @@ def check_finite(name: str, value: torch.Tensor) -> None:
     holds NaN or Inf."""
     if not torch.is_tensor(value) or not value.is_floating_point():
         return
+    if bool(torch.isfinite(value).all()):  # one reduction on the fast path
+        return
     bad = ~torch.isfinite(value)
-    if bool(bad.any()):
-        index = tuple(int(i) for i in bad.nonzero()[0])
-        kind = "NaN" if bool(torch.isnan(value[index])) else "Inf"
-        raise ValueError(
-            f"{name} contains {int(bad.sum())} non-finite value(s): {kind} at index {index} "
-            f"(shape {tuple(value.shape)})"
-        )
+    index = tuple(int(i) for i in bad.nonzero()[0])
+    kind = "NaN" if bool(torch.isnan(value[index])) else "Inf"
+    raise ValueError(
+        f"{name} contains {int(bad.sum())} non-finite value(s): {kind} at index {index} "
+        f"(shape {tuple(value.shape)})"
+    )
 
 
 def require_reparameterized(sites, why: str) -> None:
@@ -320,14 +321,16 @@ class EnergyView:
         with pyro.validation_enabled(False):
             return log_density(model, values, args, kwargs, keep, total, strict=True)
 
-    def score(self, v, *args, values=None, create_graph=True, **kwargs):
+    def score(self, v, *args, values=None, create_graph=True, validate=True, **kwargs):
         """The score :math:`\\nabla_v \\log \\tilde p(v, h)` at the given latent values,
         one row per data item (the items are independent given h).
 
         ``create_graph=True`` keeps the graph so losses built on the score can be
-        differentiated w.r.t. the model's parameters and ``v``.
+        differentiated w.r.t. the model's parameters and ``v``. ``validate=False``
+        skips the data checks (for callers that checked the data already).
         """
-        self._check_data(v)
+        if validate:
+            self._check_data(v)
         if not v.requires_grad:
             v = v.detach().requires_grad_(True)
         lp = self.log_density(v, *args, values=values, **kwargs)

@@ -112,7 +112,7 @@ class ScoreObjective:
             )
 
         def score_fn(x):
-            return view.score(x, *rest, **kwargs)
+            return view.score(x, *rest, validate=False, **kwargs)
 
         return self.per_item(score_fn, v).mean()
 
