@@ -98,6 +98,8 @@ class GaussianRBM(PyroModule):
         return self._quadratic(v) - F.softplus(self.c + beta * (v @ self.W)).sum(-1)
 
     def forward(self, v):
+        """The joint Pyro model: ``h ~ Bernoulli(1/2)`` per item and the factor
+        ``-E(v, h)`` inside ``pyro.plate("data", N)``; returns ``h``."""
         ones = self.c.new_ones(self.hidden_dim)
         with pyro.plate("data", v.shape[0]):
             h = pyro.sample("h", dist.Bernoulli(0.5 * ones).to_event(1))
