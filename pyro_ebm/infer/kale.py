@@ -167,8 +167,9 @@ class KALE:
         kale, penalty = self._critic_terms(x, x_g)
         with torch.no_grad():
             generator_loss = self._generator_loss(x, x_g)
-        return {"critic_loss": float(-kale + self.penalty * penalty), "generator_loss": float(generator_loss),
-                "kale": float(kale)}
+        critic_loss = -kale + self.penalty * penalty
+        return {"critic_loss": critic_loss.item(), "generator_loss": generator_loss.item(),
+                "kale": kale.item()}
 
     # -- the two updates ---------------------------------------------------
 
@@ -201,7 +202,7 @@ class KALE:
         if self.c_grad_clip is not None and self.c.grad is not None:
             self.c.grad = self.c_grad_clip * torch.tanh(self.c.grad / self.c_grad_clip)
         self.energy_optim(params)
-        return {"critic_loss": float(loss.detach()), "kale": float(kale.detach())}
+        return {"critic_loss": loss.item(), "kale": kale.item()}
 
     def _generator_loss(self, x, x_g):
         with torch.no_grad():
@@ -213,14 +214,14 @@ class KALE:
             with torch.no_grad():
                 loss = self._generator_loss(x, self.gebm.sample_base(len(x)))
             self._check_loss("generator", loss, "generator update")
-            return float(loss.detach())
+            return loss.item()
         x_g = self.gebm.generator(self.gebm.sample_latent(len(x)))
         loss = self._generator_loss(x, x_g)
         self._check_loss("generator", loss, "generator update")
         params = _trainable(self.gebm.generator)
         _set_grads(loss, params)
         self.generator_optim(params)
-        return float(loss.detach())
+        return loss.item()
 
     # -- checks and set-up -------------------------------------------------
 
@@ -253,7 +254,7 @@ class KALE:
         if not bool(torch.isfinite(loss)):
             raise RuntimeError(
                 f"KALE diverged at step {self.num_steps} ({where}): the {which} loss is "
-                f"{float(loss)}; lower the learning rates, raise the penalty or set energy_floor"
+                f"{loss.item()}; lower the learning rates, raise the penalty or set energy_floor"
             )
 
 
