@@ -1,0 +1,387 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Amortized variational posteriors :math:`q_\\phi(h \\mid v)` for EBLVMs.
+
+Each guide is a :class:`~pyro.nn.PyroModule` that draws its latent site inside
+``pyro.plate("data", len(v))`` with parameters computed from ``v`` by an encoder,
+so it is an ordinary Pyro guide (``pyro.infer.SVI`` with ``Trace_ELBO`` trains
+it) and, being an ``nn.Module``, it supports the unrolled guide steps of
+:class:`~pyro_ebm.infer.BiSM`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.distributions.torch_distribution import TorchDistribution
+from pyro.nn import PyroModule
+from pyro.nn.module import to_pyro_module_
+from torch.distributions import constraints
+from torch.distributions.utils import broadcast_all
+from torch.func import functional_call
+
+from .energy import EnergyView, log_density
+from .infer.unroll import functional
+
+__all__ = ["AmortizedBernoulli", "AmortizedNormal", "ConcreteBernoulli", "GuideView"]
+
+
+class ConcreteBernoulli(TorchDistribution):
+    r"""A relaxed Bernoulli variable drawn by the binary Concrete (Gumbel-softmax)
+    reparameterization and scored by the Bernoulli formula.
+
+    A draw is
+
+    .. math::
+
+        h = \operatorname{sigmoid}\big((\ell + \log u - \log(1 - u)) / \tau\big),
+        \qquad u \sim \mathcal U(0, 1),
+
+    a differentiable function of the logits :math:`\ell`; as :math:`\tau \to 0` it
+    tends to a Bernoulli(:math:`\pi = \operatorname{sigmoid}(\ell)`) draw. Its
+    ``log_prob`` is *not* the Concrete density but the Bernoulli log-mass at the
+    relaxed value,
+
+    .. math::
+
+        \log q(h) = h \log \pi + (1 - h) \log(1 - \pi) = h\,\ell - \operatorname{softplus}(\ell),
+
+    which is what the bi-level score-matching papers use for binary latents.
+
+    :param torch.Tensor logits: the logits :math:`\ell`.
+    :param float temperature: :math:`\tau > 0`.
+
+    >>> d = ConcreteBernoulli(torch.zeros(3), temperature=0.1)
+    >>> h = d.rsample()                      # values in (0, 1), close to 0 or 1
+    >>> d.log_prob(h).shape
+    torch.Size([3])
+
+    **References:** C. J. Maddison, A. Mnih, Y. W. Teh, "The Concrete
+    distribution", ICLR 2017; E. Jang, S. Gu, B. Poole, "Categorical
+    reparameterization with Gumbel-softmax", ICLR 2017.
+    """
+
+    arg_constraints = {"logits": constraints.real}
+    support = constraints.unit_interval
+    has_rsample = True
+
+    def __init__(self, logits, temperature, validate_args=None):
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        (self.logits,) = broadcast_all(logits)
+        self.temperature = float(temperature)
+        super().__init__(self.logits.shape, validate_args=validate_args)
+
+    @property
+    def probs(self):
+        return torch.sigmoid(self.logits)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(ConcreteBernoulli, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.logits = self.logits.expand(batch_shape)
+        new.temperature = self.temperature
+        super(ConcreteBernoulli, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def rsample(self, sample_shape=()):
+        shape = self._extended_shape(torch.Size(sample_shape))
+        info = torch.finfo(self.logits.dtype)
+        u = torch.rand(shape, dtype=self.logits.dtype, device=self.logits.device)
+        u = u.clamp(info.tiny, 1 - info.eps)
+        noise = torch.log(u) - torch.log1p(-u)
+        return torch.sigmoid((self.logits + noise) / self.temperature)
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        return value * self.logits - F.softplus(self.logits)
+
+
+def _as_pyro_module(encoder, what):
+    if not isinstance(encoder, torch.nn.Module):
+        raise TypeError(f"{what} must be a torch.nn.Module, got {type(encoder).__name__}")
+    # its parameters must reach Pyro's param store (SVI finds them there)
+    to_pyro_module_(encoder)
+    return encoder
+
+
+def _check_data(v, where):
+    if not torch.is_tensor(v) or v.dim() < 2:
+        shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+        raise ValueError(f"{where} needs data of shape (batch, *event), got {shape}")
+
+
+class AmortizedNormal(PyroModule):
+    r"""A diagonal Gaussian posterior whose mean and scale an encoder computes from the data:
+
+    .. math::
+
+        q_\phi(h \mid v) = \mathcal N\big(h;\ \mu_\phi(v),\ \operatorname{diag} \sigma_\phi(v)^2\big),
+        \qquad h = \mu_\phi(v) + \sigma_\phi(v) \odot \epsilon,\ \epsilon \sim \mathcal N(0, I).
+
+    The site is reparameterized, so algorithms may differentiate through ``h``.
+
+    :param torch.nn.Module encoder: maps data ``v`` of shape ``(N, *event)`` to a pair
+        ``(loc, scale)`` of tensors of equal shape ``(N, *latent_shape)`` with
+        ``scale > 0`` (e.g. a softplus output); every dim after the first is an
+        event dim of the site. It is converted in place to a
+        :class:`~pyro.nn.PyroModule` (``pyro.nn.module.to_pyro_module_``) so that
+        its parameters live in Pyro's param store.
+    :param str site: name of the model's latent site this guide proposes.
+
+    >>> class Encoder(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = torch.nn.Linear(2, 2 * 3)
+    ...     def forward(self, v):
+    ...         loc, raw = self.net(v).chunk(2, -1)
+    ...         return loc, torch.nn.functional.softplus(raw) + 1e-3
+    >>> guide = AmortizedNormal(Encoder(), site="h")
+    >>> guide(torch.randn(5, 2)).shape
+    torch.Size([5, 3])
+
+    **References:** D. P. Kingma, M. Welling, "Auto-encoding variational Bayes",
+    ICLR 2014; F. Bao, C. Li, K. Xu, H. Su, J. Zhu, B. Zhang, "Bi-level score
+    matching for learning energy-based latent variable models", NeurIPS 2020.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, site: str = "h"):
+        super().__init__()
+        self.encoder = _as_pyro_module(encoder, "encoder")
+        self.site = str(site)
+
+    def params(self, v):
+        """The encoder's ``(loc, scale)`` at ``v``, validated."""
+        _check_data(v, f"AmortizedNormal('{self.site}')")
+        out = self.encoder(v)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise ValueError(f"the encoder of site '{self.site}' must return a pair (loc, scale)")
+        loc, scale = out
+        if loc.shape != scale.shape or loc.dim() < 2 or loc.shape[0] != v.shape[0]:
+            raise ValueError(
+                f"the encoder of site '{self.site}' must return loc and scale of equal shape "
+                f"({v.shape[0]}, *latent_shape); got {tuple(loc.shape)} and {tuple(scale.shape)}"
+            )
+        return loc, scale
+
+    def conditionals(self, v, *args, **kwargs) -> dict:
+        """``{site: q(h | v)}``, a distribution of batch shape ``(N,)``."""
+        loc, scale = self.params(v)
+        return {self.site: dist.Normal(loc, scale).to_event(loc.dim() - 1)}
+
+    def forward(self, v, *args, **kwargs):
+        (q,) = self.conditionals(v).values()
+        with pyro.plate("data", v.shape[0]):
+            return pyro.sample(self.site, q)
+
+
+class AmortizedBernoulli(PyroModule):
+    r"""A posterior over binary latents, relaxed for reparameterization:
+
+    .. math::
+
+        \pi_\phi(v) = \operatorname{sigmoid}(\text{encoder}(v)), \qquad
+        h \sim \operatorname{ConcreteBernoulli}(\pi_\phi(v), \tau), \qquad
+        \log q_\phi(h \mid v) = \textstyle\sum_j h_j \log \pi_j + (1 - h_j)\log(1 - \pi_j).
+
+    Draws are relaxed values in (0, 1) made by the binary Concrete
+    (Gumbel-softmax) trick at temperature :math:`\tau`; their log-probability is
+    the Bernoulli formula at the relaxed value (see :class:`ConcreteBernoulli`).
+    The default encoder is linear, :math:`\ell = A v + a`, the form of a
+    Gaussian RBM's exact posterior.
+
+    :param int visible_dim: size of one data item (flattened).
+    :param int hidden_dim: number of binary latents H.
+    :param str site: name of the model's latent site.
+    :param float temperature: relaxation temperature :math:`\tau > 0`.
+    :param torch.nn.Module encoder: optional map from ``v`` of shape ``(N, *event)`` to
+        logits of shape ``(N, H)``; default ``Linear(visible_dim, hidden_dim)`` on the
+        flattened data.
+
+    >>> guide = AmortizedBernoulli(visible_dim=2, hidden_dim=4, site="h", temperature=0.1)
+    >>> guide(torch.randn(5, 2)).shape
+    torch.Size([5, 4])
+
+    **References:** F. Bao, C. Li, K. Xu, H. Su, J. Zhu, B. Zhang, "Bi-level score
+    matching for learning energy-based latent variable models", NeurIPS 2020;
+    E. Jang, S. Gu, B. Poole, "Categorical reparameterization with Gumbel-softmax",
+    ICLR 2017.
+    """
+
+    def __init__(self, visible_dim: int, hidden_dim: int, site: str = "h", temperature: float = 0.1,
+                 encoder: torch.nn.Module | None = None):
+        if visible_dim < 1 or hidden_dim < 1:
+            raise ValueError(f"visible_dim and hidden_dim must be >= 1, got {visible_dim} and {hidden_dim}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        super().__init__()
+        self.visible_dim, self.hidden_dim = int(visible_dim), int(hidden_dim)
+        self.site = str(site)
+        self.temperature = float(temperature)
+        if encoder is None:
+            encoder = torch.nn.Linear(visible_dim, hidden_dim)
+            self._flatten = True
+        else:
+            self._flatten = False
+        self.encoder = _as_pyro_module(encoder, "encoder")
+
+    def logits(self, v):
+        """Logits :math:`\\ell = \\text{encoder}(v)`, shape ``(N, H)``."""
+        _check_data(v, f"AmortizedBernoulli('{self.site}')")
+        x = v.reshape(v.shape[0], -1) if self._flatten else v
+        if self._flatten and x.shape[1] != self.visible_dim:
+            raise ValueError(
+                f"AmortizedBernoulli('{self.site}') has visible_dim={self.visible_dim}, but the data "
+                f"items have {x.shape[1]} entries (data shape {tuple(v.shape)})"
+            )
+        logits = self.encoder(x)
+        if logits.shape != (v.shape[0], self.hidden_dim):
+            raise ValueError(
+                f"the encoder of site '{self.site}' must return logits of shape "
+                f"({v.shape[0]}, {self.hidden_dim}), got {tuple(logits.shape)}"
+            )
+        return logits
+
+    def probs(self, v):
+        """:math:`\\pi_\\phi(v)`, the posterior probabilities of ``h = 1``."""
+        return torch.sigmoid(self.logits(v))
+
+    def conditionals(self, v, *args, **kwargs) -> dict:
+        """``{site: q(h | v)}``, a distribution of batch shape ``(N,)``."""
+        return {self.site: ConcreteBernoulli(self.logits(v), self.temperature).to_event(1)}
+
+    def forward(self, v, *args, **kwargs):
+        (q,) = self.conditionals(v).values()
+        with pyro.plate("data", v.shape[0]):
+            return pyro.sample(self.site, q)
+
+
+class _Conditionals(torch.nn.Module):
+    """Runs ``guide.conditionals`` under ``functional_call`` (fast weights)."""
+
+    def __init__(self, guide):
+        super().__init__()
+        self.guide = guide
+
+    def forward(self, *args, **kwargs):
+        return self.guide.conditionals(*args, **kwargs)
+
+
+class GuideView:
+    """A Pyro guide ``guide(v, *args)`` seen as a sampler and a density over
+    particles, optionally with fast weights swapped in.
+
+    Particles are a leading dim ``L``; values come back as ``(L, *site_shape)``
+    (or ``site_shape`` when ``L = 1``), the layout that
+    :meth:`pyro_ebm.energy.EnergyView.log_density` takes with ``num_chains=L``.
+    A general guide runs once under an extra outer plate of size ``L`` and is
+    scored with :func:`pyro_ebm.energy.log_density`. A guide that describes
+    itself, with a method ``conditionals(v, *args) -> {site: distribution of
+    batch shape (N,)}`` whose ``forward`` samples exactly those distributions
+    inside ``pyro.plate("data", N)`` (as :class:`AmortizedNormal` and
+    :class:`AmortizedBernoulli` do), is sampled and scored through those
+    distributions directly, without the cost of a Pyro run.
+
+    :param callable guide: any Pyro guide over the model's latent sites.
+    """
+
+    def __init__(self, guide):
+        if not callable(guide):
+            raise TypeError(f"guide must be callable, got {type(guide).__name__}")
+        self.guide = guide
+        self.weights = None
+        self.view = EnergyView(self._call)
+        self.direct = isinstance(guide, torch.nn.Module) and callable(getattr(guide, "conditionals", None))
+        self._conditionals = _Conditionals(guide) if self.direct else None
+
+    def _call(self, *args, **kwargs):
+        return functional(self.guide, self.weights)(*args, **kwargs)
+
+    def conditionals(self, v, *args, **kwargs) -> dict:
+        """``guide.conditionals`` with the current (fast) weights."""
+        if self.weights is None:
+            return self.guide.conditionals(v, *args, **kwargs)
+        weights = {"guide." + k: w for k, w in self.weights.items()}
+        return functional_call(self._conditionals, weights, (v,) + args, kwargs)
+
+    @contextmanager
+    def using(self, weights):
+        """Run the guide with fast ``weights`` (a dict name -> tensor; ``None``
+        for its own parameters) inside the block."""
+        saved, self.weights = self.weights, weights
+        try:
+            yield self
+        finally:
+            self.weights = saved
+
+    def sites(self, v, *args, **kwargs) -> dict:
+        """The guide's sample sites (name -> :class:`~pyro_ebm.energy.SiteInfo`)."""
+        return self.view.structure(v, *args, **kwargs).latents
+
+    def _particles(self, v, args, kwargs, num_particles):
+        st = self.view.structure(v, *args, **kwargs)
+        if num_particles == 1:
+            return self._call, st, st.nesting
+
+        def particles(*a, **k):
+            with pyro.plate("_pyro_ebm_particles", num_particles, dim=-(st.nesting + 1)):
+                return self._call(*a, **k)
+
+        return particles, st, st.nesting + 1
+
+    def _values(self, trace, st, num_particles):
+        values = {}
+        for name, info in st.latents.items():
+            x = trace.nodes[name]["value"]
+            if num_particles > 1:
+                x = x.expand((num_particles,) + (1,) * (st.nesting - info.batch_ndim) + info.shape)
+                x = x.reshape((num_particles,) + info.shape)
+            values[name] = x
+        return values
+
+    def _direct_sample(self, v, args, kwargs, num_particles, with_log_density):
+        shape = (num_particles,) if num_particles > 1 else ()
+        values, lq = {}, 0.0
+        with pyro.validation_enabled(False):
+            conditionals = self.conditionals(v, *args, **kwargs)
+        for name, q in conditionals.items():
+            x = q.rsample(shape) if q.has_rsample else q.sample(shape)
+            values[name] = x
+            if with_log_density:
+                lq = lq + q.log_prob(x).sum()
+        return values, lq
+
+    def sample(self, v, *args, num_particles=1, **kwargs) -> dict:
+        """Draws from the guide by site; reparameterized sites keep their graph to
+        the guide's parameters (detach ``v`` to draw from a detached ``v``)."""
+        if self.direct:
+            return self._direct_sample(v, args, kwargs, num_particles, False)[0]
+        fn, st, _ = self._particles(v, args, kwargs, num_particles)
+        with pyro.validation_enabled(False):
+            trace = poutine.trace(fn).get_trace(v, *args, **kwargs)
+        return self._values(trace, st, num_particles)
+
+    def sample_and_log_density(self, v, *args, num_particles=1, **kwargs):
+        """Draws (as :meth:`sample`) and their total :math:`\\sum \\log q` from one run."""
+        if self.direct:
+            return self._direct_sample(v, args, kwargs, num_particles, True)
+        fn, st, total_dims = self._particles(v, args, kwargs, num_particles)
+        with pyro.validation_enabled(False), poutine.trace() as tracer:
+            lq = log_density(fn, {}, (v,) + args, kwargs, (), total_dims, strict=False)
+        return self._values(tracer.trace, st, num_particles), lq
+
+    def log_density(self, v, *args, values, num_particles=1, **kwargs) -> torch.Tensor:
+        """:math:`\\sum \\log q(h \\mid v)` over items and particles at the given values."""
+        if self.direct:
+            with pyro.validation_enabled(False):
+                conditionals = self.conditionals(v, *args, **kwargs)
+            return sum(q.log_prob(values[name]).sum() for name, q in conditionals.items())
+        lq = self.view.log_density(v, *args, values=values,
+                                   num_chains=num_particles if num_particles > 1 else None, **kwargs)
+        return lq.sum()

@@ -1,0 +1,322 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Bi-level score matching (BiSM) for energy-based latent variable models."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import pyro
+import torch
+from pyro import poutine
+
+from ..energy import check_guide_sites, require_reparameterized
+from ..guides import GuideView
+from .score_matching import SSM, ScoreObjective, energy_view
+from .unroll import UnrolledAdam, check_unrollable, trainable_parameters
+
+__all__ = ["BiSM", "lower_loss"]
+
+LOWER = ("kl", "fisher")
+
+
+@contextmanager
+def _collect_params(found: set):
+    """Add the unconstrained tensors of every ``pyro.param`` run inside to ``found``."""
+    with poutine.trace(param_only=True) as tracer:
+        yield
+    found.update(site["value"].unconstrained() for site in tracer.trace.nodes.values())
+
+
+def lower_loss(kind, model_view, guide, v, args=(), kwargs=None, num_particles=1, guide_params=None):
+    r"""The lower-level loss of the guide at data ``v`` (treated as constant), per
+    item and particle:
+
+    - ``"kl"``: :math:`\mathbb E_{q_\phi(h|v)}[\log q_\phi(h \mid v) - \log \tilde p_\theta(v, h)]`,
+      the KL divergence to the posterior up to :math:`\log p_\theta(v)`;
+    - ``"fisher"``: :math:`\mathbb E_{q_\phi}\big[\tfrac12\|\nabla_h \log \tilde p_\theta(v, h)
+      - \nabla_h \log q_\phi(h \mid v)\|^2\big]`, the Fisher divergence to the posterior.
+
+    ``h`` is reparameterized, so the loss is differentiable in the guide's
+    parameters (and, through them, in anything they depend on).
+
+    :param str kind: ``"kl"`` or ``"fisher"``.
+    :param model_view: the model's :class:`~pyro_ebm.energy.EnergyView`.
+    :param guide: the guide's :class:`~pyro_ebm.guides.GuideView`.
+    :param set guide_params: if given, the guide's parameters are added to it.
+    """
+    kwargs = kwargs or {}
+    v = v.detach()
+    L = num_particles
+    chains = L if L > 1 else None
+    found = set() if guide_params is None else guide_params
+    if kind == "kl":
+        with _collect_params(found):
+            values, lq = guide.sample_and_log_density(v, *args, num_particles=L, **kwargs)
+        lp = model_view.log_density(v, *args, values=values, num_chains=chains, **kwargs).sum()
+        return (lq - lp) / (v.shape[0] * L)
+    with _collect_params(found):
+        values = guide.sample(v, *args, num_particles=L, **kwargs)
+        lq = guide.log_density(v, *args, values=values, num_particles=L, **kwargs)
+    lp = model_view.log_density(v, *args, values=values, num_chains=chains, **kwargs).sum()
+    names = list(values)
+    grads = torch.autograd.grad(lp - lq, [values[n] for n in names], create_graph=True, allow_unused=True)
+    total = sum(g.pow(2).sum() for g in grads if g is not None)
+    return 0.5 * total / (v.shape[0] * L)
+
+
+def check_lower(kind, model_latents, guide_sites, why):
+    """Validate a guide for the lower level ``kind`` with clear errors."""
+    if kind not in LOWER:
+        raise ValueError(f"lower must be one of {LOWER}, got {kind!r}")
+    check_guide_sites(model_latents, guide_sites)
+    require_reparameterized(guide_sites.values(), why)
+    if kind == "fisher":
+        discrete = [f"'{s.name}' ({s.dist_name})" for s in model_latents.values() if s.is_discrete]
+        if discrete:
+            raise ValueError(
+                f"lower='fisher' needs ∇_h log p̃(v, h), but the model's latent site(s) {', '.join(discrete)} "
+                "are discrete; use lower='kl'"
+            )
+
+
+def apply_grads(optim, params, grads):
+    """One step of a ``pyro.optim`` optimizer on ``params`` with the given gradients."""
+    stepped = []
+    for p, g in zip(params, grads, strict=True):
+        if g is not None:
+            p.grad = g.detach()
+            stepped.append(p)
+    optim(stepped)
+    for p in stepped:
+        p.grad = None
+
+
+def check_loss(algorithm, step, where, value):
+    if not math.isfinite(value):
+        raise ValueError(f"{algorithm} diverged at step {step}: the {where} loss is {value}")
+
+
+class BiSM:
+    r"""Bi-level score matching: learns an EBLVM :math:`p_\theta(v, h) \propto
+    \exp(-E_\theta(v, h))` by score matching on its marginal, with the intractable
+    posterior replaced by an amortized guide :math:`q_\phi(h \mid v)` trained at a
+    lower level.
+
+    For a latent draw :math:`h \sim q_\phi(h \mid \operatorname{sg}(v))`
+    (reparameterized in :math:`\phi` only, ``sg`` = stop-gradient), the marginal
+    score is estimated by
+
+    .. math::
+
+        s_{\theta,\phi}(v; h) = \nabla_v \log \tilde p_\theta(v, h) - \nabla_v \log q_\phi(h \mid v)
+        \quad\Big(= \nabla_v \log p_\theta(v) \text{ when } q_\phi(h \mid v) = p_\theta(h \mid v)\Big),
+
+    and plugged into a score-matching objective :math:`J(\theta, \phi)` (SSM,
+    DSM or MDSM). Each :meth:`step`:
+
+    1. *lower level*: ``inner_steps`` = K steps of the guide optimizer on
+       :math:`\phi` with :math:`\theta` frozen, minimizing ``lower="kl"``,
+       :math:`\mathbb E_q[\log q_\phi(h|v) - \log \tilde p_\theta(v,h)]`, or
+       ``lower="fisher"``, :math:`\mathbb E_q[\tfrac12\|\nabla_h \log \tilde
+       p_\theta(v,h) - \nabla_h \log q_\phi(h|v)\|^2]` (continuous latents only);
+       for DSM / MDSM on freshly noised data;
+    2. *unrolling*: ``unroll_steps`` = N differentiable steps of the same Adam
+       (same hyperparameters and moment state) from :math:`\phi_K`, giving
+       :math:`\phi_N(\theta)`;
+    3. *upper level*: one step of ``optim`` on the model's parameters along
+
+       .. math::
+
+           \frac{d}{d\theta} J\big(\theta, \phi_N(\theta)\big)
+           = \partial_\theta J + \big(\partial_\theta \phi_N\big)^\top \partial_\phi J,
+
+       which for N = 0 is :math:`\partial_\theta J` at fixed :math:`\phi`.
+
+    Model parameters are updated only at the upper level and guide parameters
+    only by the K real lower-level steps: the unrolled weights
+    :math:`\phi_N(\theta)` exist only to form the hypergradient and are then
+    discarded (the guide keeps :math:`\phi_K` and its optimizer state). Particles
+    (``num_particles`` = L draws per item) average the estimated score and the
+    lower-level loss.
+
+    :param callable model: Pyro model ``model(v, *args)`` with latent sites and a
+        ``pyro.factor`` energy, inside ``pyro.plate("data", len(v))``.
+    :param callable guide: Pyro guide over exactly the model's latent sites, with
+        reparameterized sites (e.g. :class:`~pyro_ebm.guides.AmortizedBernoulli`);
+        an ``nn.Module`` when ``unroll_steps > 0``.
+    :param pyro.optim.PyroOptim optim: optimizer of the model's parameters.
+    :param ScoreObjective objective: ``SSM()`` (default), ``DSM(sigma)`` or ``MDSM(...)``.
+    :param int inner_steps: K, real lower-level steps per step.
+    :param int unroll_steps: N, differentiable lower-level steps per step.
+    :param str lower: ``"kl"`` or ``"fisher"``.
+    :param pyro.optim.PyroOptim guide_optim: optimizer of the guide (default:
+        ``optim``, which keeps separate state per parameter); an Adam or AdamW
+        when ``unroll_steps > 0``.
+    :param int num_particles: L, latent draws per data item.
+
+    >>> grbm = GaussianRBM(visible_dim=2, hidden_dim=4)
+    >>> guide = AmortizedBernoulli(visible_dim=2, hidden_dim=4, site="h", temperature=0.1)
+    >>> bism = BiSM(grbm, guide, pyro.optim.Adam({"lr": 1e-3, "betas": (0.9, 0.95)}),
+    ...             objective=DSM(0.05), inner_steps=5, unroll_steps=5)
+    >>> loss = bism.step(torch.randn(100, 2))
+    >>> bism.last_losses
+    {'upper': ..., 'lower': ...}
+
+    **References:** F. Bao, C. Li, K. Xu, H. Su, J. Zhu, B. Zhang, "Bi-level score
+    matching for learning energy-based latent variable models", NeurIPS 2020.
+    """
+
+    algorithm = "BiSM"
+
+    def __init__(self, model, guide, optim, objective=None, inner_steps=5, unroll_steps=5, lower="kl",
+                 guide_optim=None, num_particles=1):
+        objective = SSM() if objective is None else objective
+        if not isinstance(objective, ScoreObjective):
+            raise TypeError(
+                f"objective must be a ScoreObjective such as SSM(), DSM(0.1) or MDSM(), got {objective!r}"
+            )
+        for name, value, least in (("inner_steps", inner_steps, 0), ("unroll_steps", unroll_steps, 0),
+                                   ("num_particles", num_particles, 1)):
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        if lower not in LOWER:
+            raise ValueError(f"lower must be one of {LOWER}, got {lower!r}")
+        guide_optim = optim if guide_optim is None else guide_optim
+        for name, opt in (("optim", optim), ("guide_optim", guide_optim)):
+            if not isinstance(opt, pyro.optim.PyroOptim):
+                raise TypeError(f"{name} must be a pyro.optim optimizer, got {type(opt).__name__}")
+        if unroll_steps > 0:
+            check_unrollable(guide, f"{self.algorithm} with unroll_steps={unroll_steps}")
+            UnrolledAdam(guide_optim, {})  # fails early for a non-Adam guide optimizer
+        self.model, self.guide, self.optim, self.guide_optim = model, guide, optim, guide_optim
+        self.objective, self.lower = objective, lower
+        self.inner_steps, self.unroll_steps, self.num_particles = inner_steps, unroll_steps, num_particles
+        self.view = energy_view(model)
+        self.guide_view = GuideView(guide)
+        self.num_steps = 0
+        self.last_losses = {}
+        self._checked = set()
+
+    # -- validation --------------------------------------------------------
+
+    def _check(self, v, args, kwargs):
+        key = (tuple(v.shape), v.dtype, v.device.type, len(args))
+        if key in self._checked:
+            return
+        self.view._check_data(v)
+        guide_sites = self.guide_view.sites(v, *args, **kwargs)
+        model_latents = self.view.structure(v, *args, **kwargs).latents
+        check_lower(self.lower, model_latents, guide_sites, f"{self.algorithm}'s guide")
+        values = {k: x.detach() for k, x in self.guide_view.sample(v.detach(), *args, **kwargs).items()}
+        self.view.check_model(v, *args, values=values, **kwargs)
+        self._checked.add(key)
+
+    # -- the two levels ----------------------------------------------------
+
+    def _lower_data(self, v):
+        v = v.detach()
+        return self.objective.perturb(v).detach() if self.objective.noised else v
+
+    def _lower_loss(self, v, args, kwargs, guide_params=None):
+        return lower_loss(self.lower, self.view, self.guide_view, self._lower_data(v), args, kwargs,
+                          self.num_particles, guide_params)
+
+    def _inner_steps(self, v, args, kwargs):
+        losses = []
+        for k in range(self.inner_steps):
+            params = set()
+            loss = self._lower_loss(v, args, kwargs, params)
+            value = float(loss.detach())
+            check_loss(self.algorithm, self.num_steps + 1, f"lower-level (inner step {k + 1})", value)
+            params = list(params)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            apply_grads(self.guide_optim, params, grads)
+            losses.append(value)
+        return losses
+
+    def _score_fn(self, args, kwargs, model_params):
+        L = self.num_particles
+
+        def score_fn(x):
+            values = self.guide_view.sample(x.detach(), *args, num_particles=L, **kwargs)
+            with _collect_params(model_params):
+                lp = self.view.log_density(x, *args, values=values, num_chains=L if L > 1 else None,
+                                           **kwargs).sum()
+            lq = self.guide_view.log_density(x, *args, values=values, num_particles=L, **kwargs)
+            (g,) = torch.autograd.grad(lp - lq, x, create_graph=True)
+            return g / L
+
+        return score_fn
+
+    def _upper_loss(self, v, args, kwargs, model_params):
+        """J(θ, φ_N(θ)) with the unrolled guide; the model's parameters are added
+        to ``model_params``."""
+        weights = None
+        if self.unroll_steps:
+            weights = trainable_parameters(self.guide)
+            unrolled = UnrolledAdam(self.guide_optim, weights)
+            for n in range(self.unroll_steps):
+                with self.guide_view.using(weights):
+                    loss = self._lower_loss(v, args, kwargs)
+                check_loss(self.algorithm, self.num_steps + 1, f"unrolled lower-level (step {n + 1})",
+                           float(loss.detach()))
+                weights = unrolled.step(loss, weights)
+        with self.guide_view.using(weights):
+            return self.objective.per_item(self._score_fn(args, kwargs, model_params), v).mean()
+
+    # -- public ------------------------------------------------------------
+
+    def score(self, *args, **kwargs) -> torch.Tensor:
+        """The estimated marginal score :math:`s_{\\theta,\\phi}(v; h)` at ``v = args[0]``
+        with the current guide, averaged over ``num_particles`` draws (no graph)."""
+        v, rest = args[0], args[1:]
+        self._check(v, rest, kwargs)
+        with torch.enable_grad():
+            x = v.detach().requires_grad_(True)
+            return self._score_fn(rest, kwargs, set())(x).detach()
+
+    def hypergradient(self, *args, **kwargs):
+        """The upper loss :math:`J(\\theta, \\phi_N(\\theta))` (a float) and its total
+        derivative in the model's parameters, ``{param-store name: gradient}``, at
+        the current parameters; nothing is updated and no lower-level step is taken."""
+        v, rest = args[0], args[1:]
+        self._check(v, rest, kwargs)
+        with torch.enable_grad():
+            params = set()
+            loss = self._upper_loss(v, rest, kwargs, params)
+            params = list(params)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        store = pyro.get_param_store()
+        return float(loss.detach()), {store.param_name(p): g for p, g in zip(params, grads, strict=True)
+                                      if g is not None}
+
+    def step(self, *args, **kwargs) -> float:
+        """One bi-level step on the batch ``args[0]``; returns the upper loss.
+        ``self.last_losses`` holds ``{"upper": J, "lower": mean lower-level loss
+        over the K real steps}``."""
+        if not args:
+            raise ValueError(f"{self.algorithm}.step needs the data batch as its first argument")
+        v, rest = args[0], args[1:]
+        self._check(v, rest, kwargs)
+        with torch.enable_grad():
+            lower = self._inner_steps(v, rest, kwargs)
+            params = set()
+            loss = self._upper_loss(v, rest, kwargs, params)
+            value = float(loss.detach())
+            check_loss(self.algorithm, self.num_steps + 1, "upper-level", value)
+            params = list(params)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        apply_grads(self.optim, params, grads)
+        self.num_steps += 1
+        self.last_losses = {"upper": value, "lower": sum(lower) / len(lower) if lower else math.nan}
+        return value
+
+    def evaluate_loss(self, *args, **kwargs) -> float:
+        """The upper loss :math:`J(\\theta, \\phi)` with the current guide (no
+        unrolling, no parameter change)."""
+        v, rest = args[0], args[1:]
+        self._check(v, rest, kwargs)
+        with torch.enable_grad():
+            loss = self.objective.per_item(self._score_fn(rest, kwargs, set()), v).mean()
+        return float(loss.detach())
