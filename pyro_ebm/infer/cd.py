@@ -136,12 +136,12 @@ class ContrastiveDivergence:
     def _start(self, v):
         if not self.persistent:
             return v.detach()
-        if self.chains is None:
-            n = self.num_chains or v.shape[0]
-            idx = torch.randint(v.shape[0], (n,), device=v.device) if n > v.shape[0] else (
-                torch.randperm(v.shape[0], device=v.device)[:n])
-            self.chains = v.detach()[idx]
-        return self.chains
+        if self.chains is not None:
+            return self.chains
+        n = self.num_chains or v.shape[0]
+        idx = torch.randint(v.shape[0], (n,), device=v.device) if n > v.shape[0] else (
+            torch.randperm(v.shape[0], device=v.device)[:n])
+        return v.detach()[idx]
 
     def negatives(self, v, update=True):
         """Negatives after ``k`` MCMC steps from the data (CD) or the persistent
