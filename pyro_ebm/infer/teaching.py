@@ -1,0 +1,247 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Variational MCMC teaching: an EBM and a VAE trained together, the VAE serving
+as the EBM's amortized sampler."""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.util import zero_grads
+
+from ..energy import check_finite
+from ..mcmc.amortized import AmortizedLangevin, check_batch
+
+__all__ = ["MCMCTeaching"]
+
+
+class MCMCTeaching:
+    r"""Learn an energy-based model :math:`p_\theta(x) \propto e^{-E_\theta(x)}` by
+    maximum likelihood with a VAE as its amortized sampler, and teach the VAE to
+    chase the EBM (variational MCMC teaching).
+
+    One :meth:`step` on a data batch :math:`\{x_i\}_{i=1}^N`:
+
+    1. draw :math:`z_j \sim p(z)` from the VAE's prior and take the decoder mean
+       :math:`x_{0,j} = \mathbb E[x \mid z_j]`, :math:`j = 1..n`;
+    2. revise them with K Langevin steps on the EBM (``kernel``, e.g. ULA):
+       :math:`x_{k+1} = x_k - \gamma\nabla_x E_\theta(x_k) + \sqrt{2\gamma}\,\xi_k`,
+       giving :math:`\tilde x_j = x_{K,j}`;
+    3. one step of ``ebm_optim`` on the EBM's parameters along the gradient of
+
+       .. math::
+
+           L(\theta) = \frac1N\sum_i E_\theta(x_i) - \frac1n\sum_j E_\theta(\tilde x_j),
+
+       a Monte Carlo estimate of the negative log-likelihood's gradient
+       :math:`\mathbb E_\text{data}[\nabla_\theta E] - \mathbb E_{p_\theta}[\nabla_\theta E]`;
+    4. one step of Pyro's own ``SVI(vae_model, vae_guide, vae_optim, Trace_ELBO())``
+       on :math:`\tilde x`: the encoder infers :math:`q_\phi(z \mid \tilde x)` and the
+       VAE maximizes
+
+       .. math::
+
+           \text{ELBO}(\phi; \tilde x) = \mathbb E_{q_\phi(z \mid \tilde x)}
+               \big[\log p_\phi(\tilde x \mid z) + \log p(z) - \log q_\phi(z \mid \tilde x)\big],
+
+       so the decoder moves toward where the Langevin steps took its proposals.
+
+    The trained VAE followed by the K steps is an amortized sampler of the EBM
+    (:attr:`sampler`, :meth:`sample`). **Conditional models**: extra arguments
+    of :meth:`step` and :meth:`sample` (e.g. class labels ``y``) go to the energy
+    model, the VAE model and the guide alike: ``energy_model(x, y)``,
+    ``vae_model(x, y)``, ``vae_guide(x, y)``.
+
+    **The VAE model's contract.** ``vae_model(x, *args)`` has an observed site
+    (``obs=x``) whose distribution's ``.mean`` is the decoder mean, of the same
+    shape as ``x``. To draw :math:`x_0` the model is run with a placeholder
+    ``x`` of zeros of the data's shape (so it must use ``x`` only as the
+    observation and for its batch size), its latent sites drawn from their
+    priors, and the observed site's ``.mean`` is read off the trace. The site is
+    the model's only observed site, or the one named ``obs_site``.
+
+    **Noise.** Langevin noise is on by default, so the revision targets
+    :math:`p_\theta`. ``noise=False`` runs plain gradient descent
+    :math:`x_{k+1} = x_k - \gamma\nabla_x E_\theta(x_k)` (ULA only), the choice of
+    the published reference code.
+
+    :param callable energy_model: Pyro model ``energy_model(x, *args)`` of the data
+        alone: ``pyro.factor("energy", -E(x))`` inside ``pyro.plate("data", len(x))``,
+        its network registered with ``pyro.module`` (or a ``PyroModule``).
+    :param callable vae_model: the VAE's Pyro model ``vae_model(x, *args)`` (prior and
+        decoder likelihood).
+    :param callable vae_guide: the VAE's amortized encoder ``vae_guide(x, *args)``.
+    :param pyro.optim.PyroOptim ebm_optim: optimizer of the EBM's parameters.
+    :param pyro.optim.PyroOptim vae_optim: optimizer of the VAE's parameters.
+    :param kernel: the Langevin kernel, e.g. ``pyro_ebm.mcmc.ULA(step_size)``.
+    :param int num_langevin_steps: K ≥ 0 revision steps.
+    :param int num_chains: synthesized samples per step; ``None`` for the batch size.
+    :param bool noise: Langevin noise on (default) or off (gradient descent).
+    :param str obs_site: name of the VAE model's observed site when it has several.
+    :param tuple event_shape: shape of one data item, for :meth:`sample` before any
+        :meth:`step` (afterwards the last batch's shape, dtype and device are used).
+
+    >>> teaching = MCMCTeaching(ebm, vae.model, vae.guide,
+    ...                         pyro.optim.Adam({"lr": 1e-3}), pyro.optim.Adam({"lr": 1e-3}),
+    ...                         kernel=mcmc.ULA(step_size=1e-3), num_langevin_steps=20)
+    >>> for x in datasets.batches(data, 100, epochs=50):
+    ...     stats = teaching.step(x)        # {"ebm_loss", "vae_elbo", "energy_data", ...}
+    >>> x = teaching.sample(64)             # VAE proposals revised by 20 Langevin steps
+
+    **References:** J. Xie, Z. Zheng, P. Li, "Learning energy-based model with
+    variational auto-encoder as amortized sampler", AAAI 2021.
+    """
+
+    def __init__(self, energy_model, vae_model, vae_guide, ebm_optim, vae_optim, kernel,
+                 num_langevin_steps=20, num_chains=None, noise=True, obs_site=None, event_shape=None):
+        for name, fn in (("energy_model", energy_model), ("vae_model", vae_model), ("vae_guide", vae_guide)):
+            if not callable(fn):
+                raise TypeError(f"{name} must be a Pyro model / guide, got {type(fn).__name__}")
+        for name, opt in (("ebm_optim", ebm_optim), ("vae_optim", vae_optim)):
+            if not callable(opt):
+                raise TypeError(f"{name} must be a pyro.optim optimizer, got {type(opt).__name__}")
+        if num_chains is not None and (not isinstance(num_chains, int) or num_chains < 1):
+            raise ValueError(f"num_chains must be None or an int >= 1, got {num_chains!r}")
+        self.energy_model, self.vae_model, self.vae_guide = energy_model, vae_model, vae_guide
+        self.ebm_optim = ebm_optim
+        self.num_chains = num_chains
+        self.obs_site = obs_site
+        self.sampler = AmortizedLangevin(self._initial_points, energy_model, kernel, num_langevin_steps,
+                                         noise=noise)
+        self.svi = SVI(vae_model, vae_guide, vae_optim, loss=Trace_ELBO())
+        self._like = None if event_shape is None else torch.zeros((1,) + tuple(event_shape))
+        self.iteration = 0
+        #: the last step's decoder means :math:`x_0` and revised samples :math:`\tilde x`
+        self.last_init = self.last_revised = None
+
+    # -- the VAE as initializer -------------------------------------------
+
+    def decoder_mean(self, like, *args, **kwargs):
+        """Decoder means :math:`\\mathbb E[x \\mid z]` at fresh prior draws
+        :math:`z \\sim p(z)`, one per row of ``like`` (a tensor shaped like the data
+        whose values are not used)."""
+        try:
+            with torch.no_grad():
+                trace = poutine.trace(self.vae_model).get_trace(like, *args, **kwargs)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(
+                f"running the VAE model on a batch shaped like the data {tuple(like.shape)} failed: {err}"
+            ) from err
+        site = self._observed_site(trace)
+        fn = site["fn"]
+        try:
+            mean = fn.mean
+        except NotImplementedError as err:
+            raise ValueError(
+                f"the VAE model's observed site '{site['name']}' ({type(fn).__name__}) has no .mean "
+                "to use as the decoder mean"
+            ) from err
+        if tuple(mean.shape) != tuple(like.shape):
+            raise ValueError(
+                f"the VAE model's observed site '{site['name']}' has decoder output of shape "
+                f"{tuple(mean.shape)}, but the data batch has shape {tuple(like.shape)}: the decoder "
+                "must produce one item of the data's shape per data item"
+            )
+        check_finite(f"decoder mean of site '{site['name']}'", mean)
+        return mean.to(like.dtype).detach()
+
+    def _observed_site(self, trace):
+        observed = [s for s in trace.nodes.values() if s["type"] == "sample" and s["is_observed"]
+                    and not isinstance(s["fn"], dist.Unit) and not s["infer"].get("is_auxiliary")]
+        names = [s["name"] for s in observed]
+        if self.obs_site is not None:
+            if self.obs_site not in names:
+                raise ValueError(f"the VAE model has no observed site '{self.obs_site}'; observed: {names}")
+            return trace.nodes[self.obs_site]
+        if len(observed) != 1:
+            raise ValueError(
+                f"the VAE model must have exactly one observed site (the decoder likelihood, obs=x), "
+                f"found {names or 'none'}; name it with obs_site=..."
+            )
+        return observed[0]
+
+    def _initial_points(self, n, *args, **kwargs):
+        if self._like is None:
+            raise ValueError("the data shape is unknown: call step() first or pass event_shape=...")
+        like = self._like.new_zeros((n,) + self._like.shape[1:])
+        return self.decoder_mean(like, *args, **kwargs)
+
+    # -- training -----------------------------------------------------------
+
+    def step(self, x, *args, **kwargs):
+        """One teaching iteration on the data batch ``x`` (extra arguments go to all
+        three Pyro callables).
+
+        :returns: dict with ``ebm_loss`` (:math:`L(\\theta)` above), ``vae_elbo``
+            (the ELBO of the revised batch as Pyro's ``Trace_ELBO`` estimates it:
+            minus the SVI loss), and the mean energies ``energy_data``,
+            ``energy_init`` (of :math:`x_0`) and ``energy_revised`` (of :math:`\\tilde x`).
+        """
+        x0, x_rev = self._synthesize(x, args, kwargs)
+        with poutine.trace(param_only=True) as capture:
+            e_data = self.sampler.energy(x, *args, **kwargs)
+            e_rev = self.sampler.energy(x_rev, *args, **kwargs)
+            loss = e_data.mean() - e_rev.mean()
+        self._check_value("EBM loss", loss)
+        with torch.no_grad():  # reported at the same parameters as the other energies
+            e_init = self.sampler.energy(x0, *args, **kwargs)
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        if not params:
+            raise ValueError("the energy model has no parameters: register its network with "
+                             "pyro.module(...) or make it a PyroModule")
+        loss.backward()
+        self.ebm_optim(params)
+        zero_grads(params)
+        vae_loss = self.svi.step(x_rev, *args, **kwargs)
+        self._check_value("VAE loss (-ELBO)", torch.as_tensor(vae_loss))
+        stats = self._stats(loss, -vae_loss, e_data, e_init, e_rev)
+        self.iteration += 1
+        return stats
+
+    def evaluate_loss(self, x, *args, **kwargs):
+        """The quantities of :meth:`step` on fresh samples, with no update."""
+        x0, x_rev = self._synthesize(x, args, kwargs)
+        with torch.no_grad():
+            e_data, e_init, e_rev = (self.sampler.energy(v, *args, **kwargs) for v in (x, x0, x_rev))
+        elbo = -self.svi.evaluate_loss(x_rev, *args, **kwargs)
+        return self._stats(e_data.mean() - e_rev.mean(), elbo, e_data, e_init, e_rev)
+
+    def sample(self, n, *args, return_trajectory=False, **kwargs):
+        """``n`` samples of the taught VAE revised by its K Langevin steps on the EBM,
+        ``(n, *event)`` (and the trajectory ``(n, K + 1, *event)``, the VAE's decoder
+        means first, with ``return_trajectory=True``)."""
+        return self.sampler.sample(n, *args, return_trajectory=return_trajectory, **kwargs)
+
+    # -- helpers ------------------------------------------------------------
+
+    def _synthesize(self, x, args, kwargs):
+        check_batch("data", x)
+        n = self.num_chains or x.shape[0]
+        if n != x.shape[0] and (args or kwargs):
+            raise ValueError(
+                f"num_chains={n} differs from the batch size {x.shape[0]}, but the models take extra "
+                "arguments (e.g. labels) that are per data item; leave num_chains=None"
+            )
+        self._like = torch.zeros_like(x[:1])
+        x0 = self._initial_points(n, *args, **kwargs)
+        x_rev = self.sampler.revise(x0, *args, **kwargs)
+        self.last_init, self.last_revised = x0, x_rev
+        return x0, x_rev
+
+    @staticmethod
+    def _stats(ebm_loss, elbo, e_data, e_init, e_rev):
+        return {
+            "ebm_loss": float(ebm_loss.detach()),
+            "vae_elbo": float(elbo),
+            "energy_data": float(e_data.detach().mean()),
+            "energy_init": float(e_init.detach().mean()),
+            "energy_revised": float(e_rev.detach().mean()),
+        }
+
+    def _check_value(self, name, value):
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"{name} is {float(value.detach())} at teaching step {self.iteration}: training "
+                "diverged; lower the learning rates or the Langevin step size"
+            )
