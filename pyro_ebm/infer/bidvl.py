@@ -1,0 +1,586 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Bi-level doubly variational learning (BiDVL) of decoupled EBLVMs."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from pyro.nn import PyroModule
+from pyro.nn.module import to_pyro_module_
+from pyro.poutine.util import site_is_subsample
+
+from ..energy import check_finite, check_guide_sites, require_reparameterized
+from ..metrics import auroc
+from .bism import apply_grads, check_loss
+from .score_matching import energy_view
+from .unroll import UnrolledAdam, check_unrollable, functional, trainable_parameters
+
+__all__ = ["BiDVL", "GaussianDecoder"]
+
+_DECODER_SAMPLE = ("rsample", "mean")
+_LATENT_LOSS = ("mse", "nll")
+
+
+class GaussianDecoder(PyroModule):
+    r"""The variational joint of BiDVL (and the model of a plain VAE) as a Pyro model:
+
+    .. math::
+
+        q_\psi(v, h) = p(h)\, q_\psi(v \mid h) = \mathcal N(h; 0, I)\;
+            \mathcal N\big(v;\ m(g_\psi(h)),\ \sigma^2 I\big),
+
+    with a decoder network :math:`g_\psi`, an optional output map ``m``
+    (``"sigmoid"`` for data in [0, 1], ``None`` for the identity) and a fixed
+    scale :math:`\sigma`. ``decoder(v)`` draws ``h`` (site ``latent_site``) for
+    each of the ``len(v)`` items inside ``pyro.plate("data", len(v))`` and
+    observes ``v`` at site ``obs_site``; both sites are reparameterized.
+
+    :param torch.nn.Module net: maps ``(N, latent_dim)`` to ``(N, *event)``; it is
+        converted in place to a :class:`~pyro.nn.PyroModule` so that its
+        parameters live in Pyro's param store (as ``decoder.*``).
+    :param int latent_dim: dimension of ``h``.
+    :param float scale: :math:`\sigma > 0`.
+    :param str output: ``"sigmoid"`` or ``None``.
+    :param str latent_site: name of the latent site.
+    :param str obs_site: name of the observed site.
+
+    >>> decoder = GaussianDecoder(MLP(16, 64), latent_dim=16, scale=0.1)
+    >>> pyro.infer.Trace_ELBO().loss(decoder, encoder_guide, x)      # a VAE's -ELBO
+
+    **References:** D. P. Kingma, M. Welling, "Auto-encoding variational Bayes",
+    ICLR 2014.
+    """
+
+    def __init__(self, net, latent_dim, scale=0.1, output="sigmoid", latent_site="h", obs_site="v"):
+        super().__init__()
+        if not isinstance(net, torch.nn.Module):
+            raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
+        if not isinstance(latent_dim, int) or latent_dim < 1:
+            raise ValueError(f"latent_dim must be an int >= 1, got {latent_dim!r}")
+        if not float(scale) > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        if output not in ("sigmoid", None):
+            raise ValueError(f"output must be 'sigmoid' or None, got {output!r}")
+        to_pyro_module_(net)
+        self.decoder = net
+        self.latent_dim, self.scale, self.output = latent_dim, float(scale), output
+        self.latent_site, self.obs_site = str(latent_site), str(obs_site)
+
+    def decode(self, h):
+        """The decoder mean :math:`m(g_\\psi(h))`."""
+        out = self.decoder(h)
+        return torch.sigmoid(out) if self.output == "sigmoid" else out
+
+    def forward(self, v, *args, **kwargs):
+        n = v.shape[0]
+        zeros = v.new_zeros((n, self.latent_dim))
+        with pyro.plate("data", n):
+            h = pyro.sample(self.latent_site, dist.Normal(zeros, 1.0).to_event(1))
+            loc = self.decode(h)
+            pyro.sample(self.obs_site, dist.Normal(loc, self.scale).to_event(loc.dim() - 1), obs=v)
+
+
+def _param_tensors(trace, found: set):
+    """Add the leaf tensor of every ``pyro.param`` site of ``trace`` to ``found``."""
+    for site in trace.nodes.values():
+        if site["type"] == "param":
+            found.add(site["value"].unconstrained())
+
+
+def _observed(trace, obs_site, conditioned=()):
+    observed = [s for s in trace.nodes.values() if s["type"] == "sample" and s["is_observed"]
+                and s["name"] not in conditioned and not s["infer"].get("is_auxiliary")
+                and not isinstance(s["fn"], dist.Unit)]
+    names = [s["name"] for s in observed]
+    if obs_site is not None:
+        if obs_site not in names:
+            raise ValueError(f"the decoder model has no observed site '{obs_site}'; observed: {names}")
+        return trace.nodes[obs_site]
+    if len(observed) != 1:
+        raise ValueError(
+            f"the decoder model must have exactly one observed site (q_ψ(v | h), obs=v), found "
+            f"{names or 'none'}; name it with obs_site=..."
+        )
+    return observed[0]
+
+
+def _latents(trace):
+    return {name: s for name, s in trace.nodes.items()
+            if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+            and not s["infer"].get("_deterministic")}
+
+
+class BiDVL:
+    r"""Bi-level doubly variational learning of a decoupled EBLVM: a marginal
+    energy-based model :math:`p_\theta(v) \propto e^{-E_\theta(v)}` with a structural
+    posterior :math:`q_\phi(h \mid v)`, learned together with a variational joint
+    :math:`q_\psi(v, h) = p(h)\,q_\psi(v \mid h)` (a decoder) that stands in for
+    :math:`p_\theta(v)\,q_\phi(h \mid v)`, with no MCMC.
+
+    **Lower level** (the decoder's :math:`\psi` and the encoder's :math:`\phi`,
+    with :math:`\theta` frozen) fits the two variational distributions by a
+    symmetric KL between :math:`q_\psi(v, h)` and :math:`p_\theta(v)q_\phi(h \mid v)`.
+    The forward direction, on decoder draws :math:`\hat h \sim p(h)`,
+    :math:`\hat v \sim q_\psi(v \mid \hat h)`, is
+
+    .. math::
+
+        \mathrm{KL}\big(q_\psi(v, h) \,\|\, p_\theta(v) q_\phi(h \mid v)\big)
+        = \mathbb E_{q_\psi}\big[E_\theta(\hat v)\big]
+          - \mathbb E_{p(h)} H\big[q_\psi(v \mid \hat h)\big]
+          - \mathbb E_{q_\psi}\big[\log q_\phi(\hat h \mid \hat v)\big]
+          + \log Z_\theta + \text{const},
+
+    whose last expectation, for a Gaussian :math:`q_\phi` with mean
+    :math:`\mu_\phi`, is the latent reconstruction
+    :math:`\|\mu_\phi(\hat v) - \hat h\|^2` (``latent_loss="mse"``, up to scale;
+    ``"nll"`` keeps :math:`-\log q_\phi` itself). The reverse direction needs
+    draws from :math:`p_\theta(v)`; with the data standing in for them it is
+
+    .. math::
+
+        \mathrm{KL}\big(p_\theta(v) q_\phi(h \mid v) \,\|\, q_\psi(v, h)\big)
+        \approx \mathbb E_\text{data}\big[-\text{ELBO}_{\psi,\phi}(v)\big] + \text{const},
+
+    the negative ELBO of the decoder/encoder pair, estimated by Pyro's
+    ``Trace_ELBO``. The lower-level loss, per item, is therefore
+
+    .. math::
+
+        \mathcal L(\psi, \phi) = \mathbb E\big[E_\theta(\hat v)\big]
+            - \mathbb E\big[H[q_\psi(v \mid \hat h)]\big]
+            + \mathbb E\big[\|\mu_{\bar\phi}(\hat v) - \hat h\|^2\big]
+            + \lambda\, \mathbb E_\text{data}\big[-\text{ELBO}_{\psi,\phi}(v)\big],
+
+    where :math:`\hat v` is reparameterized in :math:`\psi`, the bar means the
+    encoder is frozen for that term (its gradient reaches :math:`\psi` only),
+    :math:`\phi` thus learns from the ELBO alone, and :math:`\lambda` is
+    ``vae_weight``. The entropy term is constant for a fixed-scale Gaussian
+    decoder; it is dropped for a distribution without ``.entropy()`` and with
+    ``decoder_sample="mean"``.
+
+    **Drawing** :math:`\hat v`: the decoder model ``decoder_model(x, *args)`` is
+    run on a placeholder batch of zeros shaped like the data (so it must use
+    ``x`` only as the observation and for its batch size); its latent sites
+    are drawn from their priors by ``rsample`` and give :math:`\hat h`, and its
+    observed site's distribution :math:`q_\psi(v \mid \hat h)` gives
+    :math:`\hat v` by ``rsample()`` (for a Gaussian: the decoder mean plus
+    reparameterized noise, ``decoder_sample="rsample"``) or by its ``.mean``
+    (``decoder_sample="mean"``).
+
+    **Upper level** (:math:`\theta` only): one step of ``energy_optim`` on
+
+    .. math::
+
+        J(\theta) = \frac1N\sum_i E_\theta(v_i) - \frac1n\sum_j E_\theta(\hat v_j),
+
+    with fresh decoder draws :math:`\hat v_j` detached, the maximum-likelihood
+    gradient with :math:`q_\psi` standing in for :math:`p_\theta`. Each
+    :meth:`step` takes ``lower_steps`` = K lower-level steps, then the upper
+    step. With ``unroll_steps`` = N > 0, N more lower-level steps are unrolled
+    differentiably (fast weights, the same Adam state as ``vae_optim``), the
+    draws :math:`\hat v` come from :math:`\psi_N(\theta)` with their graph, and
+    :math:`\theta` follows the total derivative :math:`dJ(\theta, \psi_N(\theta))/d\theta`
+    (needs ``nn.Module`` decoder and encoder and an Adam ``vae_optim``).
+
+    :param callable energy_model: Pyro model ``energy_model(v, *args)`` of the data
+        alone: ``pyro.factor("energy", -E(v))`` inside ``pyro.plate("data", len(v))``.
+    :param callable decoder_model: Pyro model ``decoder_model(v, *args)`` of
+        :math:`p(h) q_\psi(v \mid h)` with ``v`` observed (a VAE's model).
+    :param callable encoder_guide: Pyro guide ``encoder_guide(v, *args)`` of
+        :math:`q_\phi(h \mid v)` over the decoder's latent sites (a VAE's guide).
+    :param pyro.optim.PyroOptim energy_optim: optimizer of :math:`\theta`.
+    :param pyro.optim.PyroOptim vae_optim: optimizer of :math:`\psi` and :math:`\phi`.
+    :param int lower_steps: K ≥ 0 lower-level steps per :meth:`step`.
+    :param float vae_weight: :math:`\lambda \ge 0`.
+    :param int unroll_steps: N ≥ 0 unrolled lower-level steps (0: the upper
+        gradient with :math:`\psi` held fixed, the reference design).
+    :param str latent_loss: ``"mse"`` or ``"nll"`` (see above).
+    :param str decoder_sample: ``"rsample"`` or ``"mean"``.
+    :param int num_samples: decoder draws per level and step; ``None`` for the
+        batch size.
+    :param str obs_site: the decoder's observed site when it has several.
+
+    >>> decoder = GaussianDecoder(MLP(16, 64), latent_dim=16)
+    >>> encoder = AmortizedNormal(Encoder(), site="h")
+    >>> bidvl = BiDVL(ebm, decoder, encoder, pyro.optim.Adam({"lr": 1e-3}),
+    ...               pyro.optim.Adam({"lr": 1e-3}), lower_steps=1, vae_weight=1.0)
+    >>> for v in datasets.batches(x, 100, epochs=50):
+    ...     losses = bidvl.step(v)          # {"upper", "lower", "energy_data", ...}
+    >>> x = bidvl.generate(64)              # decoder draws
+    >>> err = bidvl.reconstruction_error(x_test)       # per image
+    >>> auc = bidvl.ood_auroc(x_test, noise)           # by the score -E
+
+    **References:** G. Kan, J. Lü, T. Wang, B. Zhang, A. Zhu, L. Huang, G. Guo,
+    H. Snoussi, "Bi-level doubly variational learning for energy-based latent
+    variable models", CVPR 2022.
+    """
+
+    algorithm = "BiDVL"
+
+    def __init__(self, energy_model, decoder_model, encoder_guide, energy_optim, vae_optim, lower_steps=1,
+                 vae_weight=1.0, unroll_steps=0, latent_loss="mse", decoder_sample="rsample",
+                 num_samples=None, obs_site=None):
+        for name, fn in (("energy_model", energy_model), ("decoder_model", decoder_model),
+                         ("encoder_guide", encoder_guide)):
+            if not callable(fn):
+                raise TypeError(f"{name} must be a Pyro model / guide, got {type(fn).__name__}")
+        for name, opt in (("energy_optim", energy_optim), ("vae_optim", vae_optim)):
+            if not isinstance(opt, pyro.optim.PyroOptim):
+                raise TypeError(f"{name} must be a pyro.optim optimizer, got {type(opt).__name__}")
+        for name, value in (("lower_steps", lower_steps), ("unroll_steps", unroll_steps)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+            raise ValueError(f"num_samples must be None or an integer >= 1, got {num_samples!r}")
+        if not (isinstance(vae_weight, (int, float)) and math.isfinite(vae_weight) and vae_weight >= 0):
+            raise ValueError(f"vae_weight must be a finite number >= 0, got {vae_weight!r}")
+        if latent_loss not in _LATENT_LOSS:
+            raise ValueError(f"latent_loss must be one of {_LATENT_LOSS}, got {latent_loss!r}")
+        if decoder_sample not in _DECODER_SAMPLE:
+            raise ValueError(f"decoder_sample must be one of {_DECODER_SAMPLE}, got {decoder_sample!r}")
+        if unroll_steps > 0:
+            why = f"{self.algorithm} with unroll_steps={unroll_steps}"
+            check_unrollable(decoder_model, why + " (decoder)")
+            check_unrollable(encoder_guide, why + " (encoder)")
+            UnrolledAdam(vae_optim, {})  # fails early for a non-Adam optimizer
+        self.energy_model, self.decoder_model, self.encoder_guide = energy_model, decoder_model, encoder_guide
+        self.energy_optim, self.vae_optim = energy_optim, vae_optim
+        self.lower_steps, self.unroll_steps = lower_steps, unroll_steps
+        self.vae_weight = float(vae_weight)
+        self.latent_loss, self.decoder_sample = latent_loss, decoder_sample
+        self.num_samples, self.obs_site = num_samples, obs_site
+        self.view = energy_view(energy_model)
+        self.elbo = Trace_ELBO()
+        self.num_steps = 0
+        #: the decoder draws :math:`\hat v` of the last upper-level step (detached)
+        self.last_samples = None
+        self._like = None
+        self._checked = set()
+
+    # -- validation --------------------------------------------------------
+
+    def _check(self, v, args, kwargs):
+        self.view._check_data(v)  # every call: finite, a batch dim (one reduction)
+        key = (tuple(v.shape), v.dtype, v.device.type, len(args), tuple(sorted(kwargs)))
+        if key in self._checked:
+            return
+        with torch.no_grad():
+            trace = self._decoder_trace(torch.zeros_like(v), args, kwargs)
+            q_v = self._observed(trace, v)
+            latents = _latents(trace)
+            if not latents:
+                raise ValueError("the decoder model has no latent sample site h to decode from")
+            require_reparameterized(latents.values(), "BiDVL's lower level (E(v̂) through the decoder)")
+            if self.decoder_sample == "rsample" and not q_v.has_rsample:
+                raise ValueError(
+                    f"the decoder's observed site has a {type(q_v).__name__} distribution without "
+                    "rsample, so v̂ cannot carry a gradient; use decoder_sample='mean'"
+                )
+            try:
+                guide_trace = poutine.trace(self.encoder_guide).get_trace(v, *args, **kwargs)
+            except (RuntimeError, ValueError) as err:
+                raise ValueError(f"running the encoder guide on the data batch of shape {tuple(v.shape)} "
+                                 f"failed: {err}") from err
+            guide_sites = _latents(guide_trace)
+            check_guide_sites(latents, guide_sites)
+            if self.latent_loss == "mse":
+                for name, site in guide_sites.items():
+                    try:
+                        _ = site["fn"].mean
+                    except NotImplementedError as err:
+                        raise ValueError(
+                            f"latent_loss='mse' needs the mean μ_φ(v) of the encoder's site '{name}', but "
+                            f"its {type(site['fn']).__name__} has no .mean; use latent_loss='nll'"
+                        ) from err
+        try:
+            st = self.view.structure(v, *args, **kwargs)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"running the energy model on the data batch of shape {tuple(v.shape)} "
+                             f"failed: {err}") from err
+        if st.latents:
+            raise ValueError(
+                f"BiDVL's energy model must be a model of the data alone, but it has latent site(s) "
+                f"{sorted(st.latents)}; the latents belong to the decoder and the encoder"
+            )
+        self.view.check_model(v, *args, **kwargs)
+        self._checked.add(key)
+
+    def _observed(self, trace, like, conditioned=()):
+        site = _observed(trace, self.obs_site, conditioned)
+        fn = site["fn"]
+        shape = tuple(fn.batch_shape + fn.event_shape)
+        if shape != tuple(like.shape):
+            raise ValueError(
+                f"the decoder's observed site '{site['name']}' produces a batch of shape {shape}, but the "
+                f"data batch has shape {tuple(like.shape)}: the decoder must output one item of the "
+                "data's shape per data item"
+            )
+        return fn
+
+    # -- pieces ------------------------------------------------------------
+
+    def _decoder_trace(self, like, args, kwargs, weights=None):
+        model = functional(self.decoder_model, weights)
+        try:
+            return poutine.trace(model).get_trace(like, *args, **kwargs)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(
+                f"running the decoder model on a batch shaped like the data {tuple(like.shape)} failed: {err}"
+            ) from err
+
+    def _draw(self, n, args, kwargs, weights=None, params=None):
+        """Decoder draws: ``(v̂, {site: ĥ}, per-item entropy of q(v | ĥ) or 0)``."""
+        like = self._like.new_zeros((n,) + self._like.shape[1:])
+        trace = self._decoder_trace(like, args, kwargs, weights)
+        if params is not None:
+            _param_tensors(trace, params)
+        fn = self._observed(trace, like)
+        h = {name: site["value"] for name, site in _latents(trace).items()}
+        if self.decoder_sample == "mean":
+            return fn.mean.to(like.dtype), h, like.new_zeros(())
+        try:
+            entropy = fn.entropy().reshape(n, -1).sum(-1)
+        except NotImplementedError:
+            entropy = like.new_zeros(())
+        return fn.rsample(), h, entropy
+
+    def energy(self, v, *args, params=None, **kwargs):
+        """Per-item energy :math:`E_\\theta(v) = -\\log \\tilde p_\\theta(v)`, shape
+        ``(len(v),)``, differentiable in ``v`` and :math:`\\theta` (whose tensors are
+        added to the set ``params`` when given)."""
+        with poutine.trace(param_only=True) as tracer:
+            e = -self.view.log_density(v, *args, per_item=True, **kwargs)
+        if params is not None:
+            _param_tensors(tracer.trace, params)
+        return e
+
+    def _latent_term(self, v_hat, h_hat, args, kwargs, weights=None, params=None):
+        guide = functional(self.encoder_guide, weights)
+        trace = poutine.trace(guide).get_trace(v_hat, *args, **kwargs)
+        if params is not None:
+            _param_tensors(trace, params)
+        n = v_hat.shape[0]
+        total = 0.0
+        for name, h in h_hat.items():
+            q = trace.nodes[name]["fn"]
+            if self.latent_loss == "mse":
+                total = total + (q.mean - h).pow(2).reshape(n, -1).sum(-1)
+            else:
+                total = total - q.log_prob(h).reshape(n, -1).sum(-1)
+        return total.mean()
+
+    def _lower_terms(self, v, args, kwargs, weights=None, dec_params=None, enc_params=None):
+        """The lower-level terms (each a 0-dim tensor with a graph), as a dict."""
+        dec_w = enc_w = None
+        if weights is not None:
+            dec_w, enc_w = weights
+        n = self.num_samples or v.shape[0]
+        v_hat, h_hat, entropy = self._draw(n, args, kwargs, dec_w, dec_params)
+        check_finite("decoder draws v̂", v_hat.detach())
+        terms = {"energy_sample": self.energy(v_hat, *args, **kwargs).mean(),
+                 "entropy": entropy.mean() if torch.is_tensor(entropy) else entropy,
+                 "latent": self._latent_term(v_hat, h_hat, args, kwargs, enc_w, enc_params)}
+        if self.vae_weight > 0:
+            model, guide = functional(self.decoder_model, dec_w), functional(self.encoder_guide, enc_w)
+            terms["neg_elbo"] = self.elbo.differentiable_loss(model, guide, v, *args, **kwargs) / v.shape[0]
+        else:
+            terms["neg_elbo"] = v.new_zeros(())
+        return terms
+
+    def _lower_total(self, terms):
+        return (terms["energy_sample"] - terms["entropy"] + terms["latent"]
+                + self.vae_weight * terms["neg_elbo"])
+
+    def _lower_step(self, v, args, kwargs, k):
+        dec_params, enc_params = set(), set()
+        terms = self._lower_terms(v, args, kwargs, dec_params=dec_params, enc_params=enc_params)
+        total = self._lower_total(terms)
+        value = float(total.detach())
+        check_loss(self.algorithm, self.num_steps + 1, f"lower-level (step {k + 1})", value)
+        if not dec_params:
+            raise ValueError("the decoder model has no parameters: register its network with "
+                             "pyro.module(...) or make it a PyroModule")
+        dec_params = list(dec_params)
+        enc_params = [p for p in enc_params if p not in set(dec_params)]
+        grads = list(torch.autograd.grad(total, dec_params, retain_graph=True, allow_unused=True))
+        # the encoder learns from the ELBO only (frozen in the latent term)
+        if enc_params and self.vae_weight > 0:
+            grads += torch.autograd.grad(self.vae_weight * terms["neg_elbo"], enc_params, allow_unused=True)
+        else:
+            enc_params = []
+        apply_grads(self.vae_optim, dec_params + enc_params, grads)
+        return value, {k: float(t.detach()) if torch.is_tensor(t) else float(t) for k, t in terms.items()}
+
+    def _unrolled_weights(self, v, args, kwargs):
+        """The decoder's and encoder's fast weights after N differentiable lower steps."""
+        dec_w = trainable_parameters(self.decoder_model)
+        enc_w = trainable_parameters(self.encoder_guide)
+        dec_adam, enc_adam = UnrolledAdam(self.vae_optim, dec_w), UnrolledAdam(self.vae_optim, enc_w)
+        for n in range(self.unroll_steps):
+            terms = self._lower_terms(v, args, kwargs, weights=(dec_w, enc_w))
+            total = self._lower_total(terms)
+            check_loss(self.algorithm, self.num_steps + 1, f"unrolled lower-level (step {n + 1})",
+                       float(total.detach()))
+            new_dec = dec_adam.step(total, dec_w)
+            if self.vae_weight > 0:
+                enc_w = enc_adam.step(self.vae_weight * terms["neg_elbo"], enc_w)
+            dec_w = new_dec
+        return dec_w
+
+    def _upper_loss(self, v, args, kwargs, params):
+        n = self.num_samples or v.shape[0]
+        if self.unroll_steps:
+            v_hat = self._draw(n, args, kwargs, self._unrolled_weights(v, args, kwargs))[0]
+        else:
+            with torch.no_grad():
+                v_hat = self._draw(n, args, kwargs)[0]
+        check_finite("decoder draws v̂", v_hat.detach())
+        self.last_samples = v_hat.detach()
+        e_data = self.energy(v, *args, params=params, **kwargs)
+        e_sample = self.energy(v_hat, *args, params=params, **kwargs)
+        return e_data.mean() - e_sample.mean(), e_data, e_sample
+
+    # -- public ------------------------------------------------------------
+
+    def step(self, v, *args, **kwargs) -> dict:
+        """One BiDVL iteration on the data batch ``v``: K lower-level steps, then one
+        upper-level step. Extra arguments go to all three Pyro callables.
+
+        :returns: dict with ``upper`` (:math:`J`), ``lower`` (:math:`\\mathcal L`,
+            mean over the K steps), its terms ``energy_sample``, ``entropy``,
+            ``latent``, ``neg_elbo`` (per item, from the last lower step), and
+            ``energy_data`` (mean :math:`E` of the batch).
+        """
+        self._prepare(v, args, kwargs)
+        with torch.enable_grad():
+            lowers, terms = [], {}
+            for k in range(self.lower_steps):
+                value, terms = self._lower_step(v, args, kwargs, k)
+                lowers.append(value)
+            params = set()
+            loss, e_data, _ = self._upper_loss(v, args, kwargs, params)
+            value = float(loss.detach())
+            check_loss(self.algorithm, self.num_steps + 1, "upper-level", value)
+            if not params:
+                raise ValueError("the energy model has no parameters: register its network with "
+                                 "pyro.module(...) or make it a PyroModule")
+            params = list(params)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        apply_grads(self.energy_optim, params, grads)
+        self.num_steps += 1
+        out = {"upper": value, "lower": sum(lowers) / len(lowers) if lowers else math.nan}
+        out.update(terms)
+        out["energy_data"] = float(e_data.detach().mean())
+        return out
+
+    def evaluate_loss(self, v, *args, **kwargs) -> dict:
+        """The quantities of :meth:`step` (upper loss without unrolling, one
+        lower-level evaluation) on fresh draws, with no update."""
+        self._prepare(v, args, kwargs)
+        unroll, self.unroll_steps = self.unroll_steps, 0
+        try:
+            with torch.enable_grad():  # Trace_ELBO may need it for its estimator
+                terms = self._lower_terms(v, args, kwargs)
+                loss, e_data, _ = self._upper_loss(v, args, kwargs, None)
+        finally:
+            self.unroll_steps = unroll
+        out = {"upper": float(loss.detach()), "lower": float(self._lower_total(terms).detach())}
+        out.update({k: float(t.detach()) if torch.is_tensor(t) else float(t) for k, t in terms.items()})
+        out["energy_data"] = float(e_data.detach().mean())
+        return out
+
+    def hypergradient(self, v, *args, **kwargs):
+        """The upper loss :math:`J(\\theta, \\psi_N(\\theta))` (a float) and its total
+        derivative in the energy's parameters, ``{param-store name: gradient}``, at
+        the current parameters; nothing is updated."""
+        self._prepare(v, args, kwargs)
+        with torch.enable_grad():
+            params = set()
+            loss = self._upper_loss(v, args, kwargs, params)[0]
+            params = list(params)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        store = pyro.get_param_store()
+        return float(loss.detach()), {store.param_name(p): g for p, g in zip(params, grads, strict=True)
+                                      if g is not None}
+
+    def generate(self, n, *args, langevin_steps=0, kernel=None, **kwargs):
+        """``n`` draws :math:`\\hat v` of the decoder (as in training, see
+        ``decoder_sample``), optionally refined by ``langevin_steps`` steps of
+        ``kernel`` (e.g. ``pyro_ebm.mcmc.ULA(step_size)``) on :math:`E_\\theta`.
+
+        :returns: a detached tensor ``(n, *event)``.
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if not isinstance(langevin_steps, int) or langevin_steps < 0:
+            raise ValueError(f"langevin_steps must be an int >= 0, got {langevin_steps!r}")
+        if langevin_steps and kernel is None:
+            raise ValueError("langevin_steps > 0 needs a kernel, e.g. pyro_ebm.mcmc.ULA(step_size=1e-3)")
+        if self._like is None:
+            raise ValueError("the data shape is unknown: call step() (or evaluate_loss()) first")
+        with torch.no_grad():
+            x = self._draw(n, args, kwargs)[0].detach()
+        check_finite("decoder draws v̂", x)
+        if langevin_steps:
+            from ..mcmc.amortized import AmortizedLangevin
+
+            sampler = AmortizedLangevin(lambda m: x, self.energy_model, kernel, langevin_steps)
+            x = sampler.revise(x, *args, **kwargs)
+        return x
+
+    def encode(self, v, *args, **kwargs) -> dict:
+        """The encoder's means :math:`\\mu_\\phi(v)` by latent site (detached); a
+        site whose distribution has no ``.mean`` gives one draw instead."""
+        self.view._check_data(v)
+        with torch.no_grad():
+            trace = poutine.trace(self.encoder_guide).get_trace(v, *args, **kwargs)
+        out = {}
+        for name, site in _latents(trace).items():
+            try:
+                out[name] = site["fn"].mean.detach()
+            except NotImplementedError:
+                out[name] = site["value"].detach()
+        return out
+
+    def reconstruct(self, v, *args, **kwargs):
+        """Encode then decode: the decoder mean at :math:`h = \\mu_\\phi(v)`, shaped
+        like ``v`` (detached)."""
+        h = self.encode(v, *args, **kwargs)
+        with torch.no_grad():
+            model = poutine.condition(self.decoder_model, data=h)
+            trace = poutine.trace(model).get_trace(v, *args, **kwargs)
+            fn = self._observed(trace, v, conditioned=h)
+        return fn.mean.to(v.dtype).detach()
+
+    def reconstruction_error(self, v, *args, **kwargs):
+        """Per-item squared error :math:`\\|v - \\text{reconstruct}(v)\\|^2`, shape ``(len(v),)``."""
+        r = self.reconstruct(v, *args, **kwargs)
+        return (v - r).pow(2).reshape(v.shape[0], -1).sum(-1)
+
+    def ood_auroc(self, v_in, v_out, *args, **kwargs) -> float:
+        """AUROC of the score :math:`-E_\\theta(v)` for telling ``v_in`` (in
+        distribution) from ``v_out`` (:func:`pyro_ebm.metrics.auroc`)."""
+        with torch.no_grad():
+            s_in = -self.energy(v_in, *args, **kwargs)
+            s_out = -self.energy(v_out, *args, **kwargs)
+        return auroc(s_in, s_out)
+
+    # -- helpers -----------------------------------------------------------
+
+    def _prepare(self, v, args, kwargs):
+        if not torch.is_tensor(v):
+            raise TypeError(f"data must be a tensor, got {type(v).__name__}")
+        self._check(v, args, kwargs)
+        n = self.num_samples or v.shape[0]
+        if n != v.shape[0] and (args or kwargs):
+            raise ValueError(
+                f"num_samples={n} differs from the batch size {v.shape[0]}, but the models take extra "
+                "arguments (e.g. labels) that are per data item; leave num_samples=None"
+            )
+        self._like = torch.zeros_like(v[:1])
