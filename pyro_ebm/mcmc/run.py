@@ -5,6 +5,7 @@ ArviZ layout ``(chain, draw, ...)`` and a progress bar."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -148,7 +149,7 @@ def sample(model_or_potential, kernel, num_chains, num_samples, warmup_steps=0, 
       ``(num_chains, dim)`` tensor;
     - a plain potential ``U(x)``, mapping ``(C, *event)`` to ``(C,)``, when
       ``initial`` is a ``(num_chains, *event)`` tensor and no model arguments are
-      given (draws under the key ``"x"``); or a
+      given and it accepts one argument (draws under the key ``"x"``); or a
       :class:`~pyro_ebm.energy.LatentPotential`.
 
     During warmup, kernels with ``adapt_step_size`` (MALA, HMC) adapt each chain's
@@ -250,7 +251,7 @@ def _setup(target, num_chains, model_args, model_kwargs, initial):
         return target, _latent_initial(target, num_chains, initial), target.unpack
     if not callable(target):
         raise TypeError(f"expected a Pyro model or a potential function, got {type(target).__name__}")
-    if torch.is_tensor(initial) and not model_args and not model_kwargs:
+    if torch.is_tensor(initial) and not model_args and not model_kwargs and _takes_one_argument(target):
         if initial.dim() < 2 or initial.shape[0] != num_chains:
             raise ValueError(
                 f"initial positions for a potential must have shape (num_chains={num_chains}, "
@@ -270,6 +271,18 @@ def _setup(target, num_chains, model_args, model_kwargs, initial):
             ) from err
         raise
     return potential, _latent_initial(potential, num_chains, initial), potential.unpack
+
+
+def _takes_one_argument(fn):
+    """Whether ``fn(x)`` is a valid call (a potential); a Pyro model without
+    arguments is not."""
+    try:
+        inspect.signature(fn).bind(None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature available (some builtins): assume a potential
+        return True
+    return True
 
 
 def _as_x(z):

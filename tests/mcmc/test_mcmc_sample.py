@@ -1,0 +1,256 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The driver ``mcmc.sample`` on Pyro models and plain potentials.
+
+Moment checks allow 5 Monte Carlo standard errors, sd / sqrt(ESS) with the bulk
+ESS from ArviZ (combined in quadrature when two samplers are compared).
+"""
+
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_ebm import mcmc
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    import arviz as az
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small batches run fastest on one thread (and do not fight other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mean_and_se(draws):
+    """Mean of a (chain, draw) array and its MC standard error from the bulk ESS."""
+    draws = draws.detach().double()
+    n_eff = float(az.ess(draws.cpu().numpy()))
+    return float(draws.mean()), float(draws.std()) / math.sqrt(n_eff)
+
+
+def assert_mc(draws, expected, what, k=5.0):
+    value, se = mean_and_se(draws)
+    assert abs(value - expected) < k * se, f"{what}: {value:.4f} vs {expected:.4f} (s.e. {se:.4f})"
+
+
+# -- a GEBM-like latent model: z ~ N(0, I), x = G(z), factor -E(x) ----------------
+
+A = torch.tensor([[1.0, 0.5], [-0.3, 0.8], [0.2, -1.0]], dtype=DT)
+CENTER = torch.tensor([1.0, 0.5, -0.5], dtype=DT)
+
+
+def generator(z):
+    return z @ A.T + 0.3 * torch.tanh(2.0 * z[..., :1])
+
+
+def energy(x):
+    return (x - CENTER).pow(2).sum(-1) + 0.1 * x[..., 0] ** 4
+
+
+def gebm_like():
+    z = pyro.sample("z", dist.Normal(torch.zeros(2, dtype=DT), 1.0).to_event(1))
+    x = pyro.deterministic("x", generator(z), event_dim=1)
+    pyro.factor("energy", -energy(x))
+
+
+def test_gebm_latent_posterior_agrees_with_pyro_nuts():
+    """mcmc.sample with 1000 MALA chains and Pyro's NUTS (one chain) give the same
+    posterior moments of z, within the two samplers' combined MC error."""
+    torch.manual_seed(0)
+    pyro.set_rng_seed(0)
+    ours = mcmc.sample(gebm_like, mcmc.MALA(0.1), num_chains=1000, num_samples=100,
+                       warmup_steps=200, progress=False)
+    z = ours.get_samples()["z"]
+    assert z.shape == (1000, 100, 2) and z.dtype == DT
+    nuts = pyro.infer.MCMC(pyro.infer.NUTS(gebm_like), num_samples=200, warmup_steps=100,
+                           disable_progbar=True)
+    nuts.run()
+    z_nuts = nuts.get_samples(group_by_chain=True)["z"]
+    for i in range(2):
+        for stat in (lambda t: t, lambda t: t * t):
+            m1, se1 = mean_and_se(stat(z[..., i]))
+            m2, se2 = mean_and_se(stat(z_nuts[..., i]))
+            assert abs(m1 - m2) < 5 * math.hypot(se1, se2), (i, m1, m2, se1, se2)
+    assert ours.num_divergences == 0
+
+
+# -- a data model with a closed-form posterior -------------------------------------
+
+def regression(features, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=DT), 1.0).to_event(1))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal((w * features).sum(-1), 0.5), obs=y)
+
+
+def test_model_args_and_data_plate_exact_posterior():
+    """Bayesian linear regression: the chains' mean and variances of w match the
+    Gaussian posterior N(S X^T y / σ², S), S = (I + X^T X / σ²)^-1."""
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(20, 2, dtype=DT, generator=gen)
+    y = features @ torch.tensor([1.0, -2.0], dtype=DT) + 0.5 * torch.randn(20, dtype=DT, generator=gen)
+    cov = torch.linalg.inv(torch.eye(2, dtype=DT) + features.T @ features / 0.25)
+    mean = cov @ features.T @ y / 0.25
+    torch.manual_seed(1)
+    samples = mcmc.sample(regression, mcmc.HMC(0.1, num_leapfrog_steps=3), 500, 60, warmup_steps=100,
+                          model_args=(features, y), progress=False)
+    w = samples.get_samples()["w"]
+    for i in range(2):
+        assert_mc(w[..., i], float(mean[i]), f"mean w[{i}]")
+        assert_mc((w[..., i] - mean[i]) ** 2, float(cov[i, i]), f"var w[{i}]")
+    flat = samples.get_samples(group_by_chain=False)["w"]
+    assert flat.shape == (500 * 60, 2)
+
+
+# -- constrained supports ------------------------------------------------------------
+
+def constrained():
+    pyro.sample("scale", dist.LogNormal(torch.tensor(0.0, dtype=DT), 0.5))
+    pyro.sample("h", dist.HalfNormal(torch.ones(3, dtype=DT)).to_event(1))
+    pyro.sample("p", dist.Dirichlet(torch.tensor([2.0, 3.0, 4.0], dtype=DT)))
+
+
+def test_constrained_supports_come_back_constrained():
+    """LogNormal, HalfNormal and Dirichlet latents are sampled in the unconstrained
+    space and returned in their supports with the right moments."""
+    torch.manual_seed(2)
+    samples = mcmc.sample(constrained, mcmc.MALA(0.3), 500, 80, warmup_steps=120, progress=False)
+    d = samples.get_samples()
+    assert d["scale"].shape == (500, 80) and (d["scale"] > 0).all()
+    assert d["h"].shape == (500, 80, 3) and (d["h"] > 0).all()
+    assert d["p"].shape == (500, 80, 3) and (d["p"] > 0).all()
+    torch.testing.assert_close(d["p"].sum(-1), torch.ones(500, 80, dtype=DT))
+    assert_mc(d["scale"], math.exp(0.125), "LogNormal mean")
+    assert_mc(d["scale"].log() ** 2, 0.25, "LogNormal log-variance")
+    for i in range(3):
+        assert_mc(d["h"][..., i], math.sqrt(2 / math.pi), f"HalfNormal mean [{i}]")
+        assert_mc(d["h"][..., i] ** 2, 1.0, f"HalfNormal second moment [{i}]")
+    for i, alpha in enumerate((2.0, 3.0, 4.0)):
+        assert_mc(d["p"][..., i], alpha / 9.0, f"Dirichlet mean [{i}]")
+
+
+# -- convergence diagnostics -------------------------------------------------------------
+
+def test_rhat_and_ess_on_gaussian_with_mala():
+    """On a 2-D Gaussian MALA's chains have R-hat ≈ 1 and a bulk ESS above a tenth
+    of the draws."""
+    torch.manual_seed(3)
+    prec = torch.linalg.inv(torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=DT))
+    samples = mcmc.sample(lambda x: 0.5 * ((x @ prec) * x).sum(-1), mcmc.MALA(0.3), 100, 1000,
+                          warmup_steps=300, initial=torch.randn(100, 2, dtype=DT), progress=False)
+    table = samples.summary(kind="diagnostics", round_to="none")
+    assert list(table.index) == ["x[0]", "x[1]"]
+    assert (table["r_hat"] < 1.01).all(), table
+    assert (table["ess_bulk"] > 0.1 * 100 * 1000).all(), table
+    assert (table["ess_tail"] > 0).all()
+
+
+def test_rhat_flags_chains_stuck_in_separate_modes():
+    """Chains started in two far-apart modes with a tiny step never meet: R-hat > 1.1."""
+    torch.manual_seed(4)
+    mu = torch.tensor([-4.0, 4.0], dtype=DT)
+
+    def pot(x):
+        return -torch.logsumexp(-0.5 * ((x - mu) / 0.5) ** 2, -1)
+
+    init = torch.cat([torch.full((10, 1), -4.0, dtype=DT), torch.full((10, 1), 4.0, dtype=DT)])
+    samples = mcmc.sample(pot, mcmc.MALA(1e-3, target_accept=None), 20, 200, initial=init,
+                          progress=False)
+    table = samples.summary(kind="diagnostics", round_to="none")
+    assert float(table["r_hat"].iloc[0]) > 1.1
+
+
+# -- driver mechanics --------------------------------------------------------------------
+
+def test_thinning_stats_and_continuation():
+    torch.manual_seed(5)
+    pot = lambda x: 0.5 * x.pow(2).sum(-1)  # noqa: E731
+    samples = mcmc.sample(pot, mcmc.HMC(0.5, 2), 8, 5, warmup_steps=7, thin=3,
+                          initial=torch.zeros(8, 3, dtype=DT), progress=False)
+    assert samples.positions.shape == (8, 5, 3)
+    assert samples.last_state.iteration == 7 + 5 * 3
+    torch.testing.assert_close(samples.get_samples()["x"][:, -1], samples.last_state.position)
+    assert set(samples.stats) == {"accept_prob", "step_size", "potential_energy", "diverging", "energy"}
+    for value in samples.stats.values():
+        assert value.shape == (8, 5)
+    # the Hamiltonian at each kept draw: U + |p|^2 / 2 >= U
+    assert (samples.stats["energy"] >= samples.stats["potential_energy"]).all()
+    assert samples.warmup_divergences.shape == (8,)
+    assert "8 chains x 5 draws" in repr(samples)
+    state = mcmc.HMC(0.5, 2).step(samples.last_state)
+    assert state.iteration == 23
+
+
+def test_progress_bar_shows_acceptance_and_divergences(capsys):
+    mcmc.sample(lambda x: 0.5 * x.pow(2).sum(-1), mcmc.MALA(0.5), 4, 20, warmup_steps=10,
+                initial=torch.zeros(4, 1), progress=True)
+    err = capsys.readouterr().err
+    assert "accept=" in err and "divergences=0" in err and "sample" in err
+
+
+def test_initial_dict_and_packed_tensor():
+    torch.manual_seed(6)
+    init = {"scale": torch.full((4,), 2.0, dtype=DT), "h": torch.ones(4, 3, dtype=DT),
+            "p": torch.full((4, 3), 1 / 3, dtype=DT)}
+    samples = mcmc.sample(constrained, mcmc.ULA(1e-8), 4, 1, initial=init, progress=False)
+    torch.testing.assert_close(samples.get_samples()["scale"][:, 0], init["scale"], atol=1e-3, rtol=0)
+    from pyro_ebm.infer.score_matching import energy_view
+
+    packed = energy_view(constrained).latent_potential().pack(init)
+    again = mcmc.sample(constrained, mcmc.ULA(1e-8), 4, 1, initial=packed, progress=False)
+    torch.testing.assert_close(again.get_samples()["h"][:, 0], init["h"], atol=1e-3, rtol=0)
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+def discrete_model():
+    pyro.sample("z", dist.Normal(0.0, 1.0))
+    pyro.sample("switch", dist.Bernoulli(0.5))
+
+
+def test_discrete_latent_is_named():
+    with pytest.raises(ValueError, match=r"'switch' \(Bernoulli\).*discrete"):
+        mcmc.sample(discrete_model, mcmc.MALA(0.1), 4, 2, progress=False)
+
+
+def test_bad_initial_values():
+    pot = lambda x: x.pow(2).sum(-1)  # noqa: E731
+    x = torch.zeros(4, 2)
+    x[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        mcmc.sample(pot, mcmc.MALA(0.1), 4, 2, initial=x, progress=False)
+    with pytest.raises(ValueError, match=r"num_chains=4"):
+        mcmc.sample(pot, mcmc.MALA(0.1), 4, 2, initial=torch.zeros(5, 2), progress=False)
+    with pytest.raises(TypeError, match="pass initial positions"):
+        mcmc.sample(pot, mcmc.MALA(0.1), 4, 2, progress=False)
+    good = {"scale": torch.ones(4, dtype=DT), "h": torch.ones(4, 3, dtype=DT),
+            "p": torch.full((4, 3), 1 / 3, dtype=DT)}
+    with pytest.raises(ValueError, match=r"site 'h'.*\(4, 3\), got \(4, 2\)"):
+        mcmc.sample(constrained, mcmc.MALA(0.1), 4, 2, initial={**good, "h": torch.ones(4, 2, dtype=DT)},
+                    progress=False)
+    with pytest.raises(ValueError, match=r"site 'scale'.*outside its support"):
+        mcmc.sample(constrained, mcmc.MALA(0.1), 4, 2, initial={**good, "scale": -torch.ones(4, dtype=DT)},
+                    progress=False)
+    bad_nan = {**good, "scale": torch.tensor([1.0, float("nan"), 1.0, 1.0], dtype=DT)}
+    with pytest.raises(ValueError, match=r"site 'scale'.*NaN at index \(1,\)"):
+        mcmc.sample(constrained, mcmc.MALA(0.1), 4, 2, initial=bad_nan, progress=False)
+    with pytest.raises(ValueError, match=r"missing \['p'\], unknown \['q'\]"):
+        mcmc.sample(constrained, mcmc.MALA(0.1), 4, 2,
+                    initial={"scale": good["scale"], "h": good["h"], "q": good["p"]}, progress=False)
+    with pytest.raises(ValueError, match=r"\(num_chains, dim\) = \(4, 6\)"):
+        mcmc.sample(constrained, mcmc.MALA(0.1), 4, 2, initial=torch.zeros(4, 5, dtype=DT), progress=False)
+    with pytest.raises(ValueError, match="num_chains"):
+        mcmc.sample(constrained, mcmc.MALA(0.1), 0, 2, progress=False)
+    with pytest.raises(ValueError, match="thin"):
+        mcmc.sample(constrained, mcmc.MALA(0.1), 2, 2, thin=0, progress=False)
+    with pytest.raises(TypeError, match="kernel"):
+        mcmc.sample(constrained, object(), 2, 2, progress=False)
