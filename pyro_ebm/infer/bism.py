@@ -92,6 +92,27 @@ def apply_grads(optim, params, grads):
         p.grad = None
 
 
+def inner_steps(alg, data_fn, args, kwargs):
+    """``alg.inner_steps`` real steps of ``alg.guide_optim`` on the guide's
+    parameters with the model frozen, each on fresh data ``data_fn()``; returns
+    the losses. ``alg`` carries ``lower``, ``view``, ``guide_view``,
+    ``num_particles``, ``algorithm`` and ``num_steps``."""
+    losses = []
+    for k in range(alg.inner_steps):
+        params = set()
+        loss = lower_loss(alg.lower, alg.view, alg.guide_view, data_fn(), args, kwargs, alg.num_particles,
+                          params)
+        value = float(loss.detach())
+        check_loss(alg.algorithm, alg.num_steps + 1, f"lower-level (inner step {k + 1})", value)
+        if isinstance(alg.guide, torch.nn.Module):  # a guide may skip pyro.param (GuideView's direct path)
+            params.update(trainable_parameters(alg.guide).values())
+        params = list(params)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        apply_grads(alg.guide_optim, params, grads)
+        losses.append(value)
+    return losses
+
+
 def check_loss(algorithm, step, where, value):
     if not math.isfinite(value):
         raise ValueError(f"{algorithm} diverged at step {step}: the {where} loss is {value}")
@@ -223,17 +244,7 @@ class BiSM:
                           self.num_particles, guide_params)
 
     def _inner_steps(self, v, args, kwargs):
-        losses = []
-        for k in range(self.inner_steps):
-            params = set()
-            loss = self._lower_loss(v, args, kwargs, params)
-            value = float(loss.detach())
-            check_loss(self.algorithm, self.num_steps + 1, f"lower-level (inner step {k + 1})", value)
-            params = list(params)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            apply_grads(self.guide_optim, params, grads)
-            losses.append(value)
-        return losses
+        return inner_steps(self, lambda: self._lower_data(v), args, kwargs)
 
     def _score_fn(self, args, kwargs, model_params):
         L = self.num_particles

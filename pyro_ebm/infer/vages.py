@@ -1,0 +1,455 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Variational estimates of the score (VaES) and of its parameter gradient (VaGES)
+for energy-based latent variable models, and a critic-based Fisher divergence."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pyro
+import torch
+
+from ..energy import check_finite, check_guide_sites
+from ..guides import GuideView
+from .bism import LOWER, _collect_params, apply_grads, check_loss, check_lower, inner_steps
+from .score_matching import DSM, MDSM, energy_view, exact_trace, hutchinson_trace
+
+__all__ = ["VaGES", "fisher_divergence", "ksd_halves", "vaes_score"]
+
+
+def _check_data(v, what="data"):
+    if not torch.is_tensor(v) or not v.is_floating_point() or v.dim() < 2:
+        shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+        raise ValueError(f"{what} must be a floating point tensor of shape (batch, *event), got {shape}")
+    check_finite(what, v)
+
+
+def _vaes(view, guide, v, args, kwargs, num_particles, create_graph):
+    """E_q[∇_v log p̃(v, h)] by ``num_particles`` detached draws h ~ q(h | v)."""
+    L = num_particles
+    with torch.no_grad():
+        values = guide.sample(v.detach(), *args, num_particles=L, **kwargs)
+    x = v if v.requires_grad else v.detach().requires_grad_(True)
+    lp = view.log_density(x, *args, values=values, num_chains=L if L > 1 else None, **kwargs).sum()
+    (g,) = torch.autograd.grad(lp, x, create_graph=create_graph)
+    return g / L
+
+
+def vaes_score(model, guide, v, num_particles=1, args=(), kwargs=None, create_graph=False):
+    r"""The variational estimate of the marginal score (VaES) of an EBLVM:
+
+    .. math::
+
+        \nabla_v \log p_\theta(v)
+        = \mathbb E_{p_\theta(h \mid v)}\big[\nabla_v \log \tilde p_\theta(v, h)\big]
+        \approx \frac1L \sum_{l=1}^L \nabla_v \log \tilde p_\theta(v, h_l),
+        \qquad h_l \sim q_\phi(h \mid v),
+
+    the Fisher identity with the posterior replaced by the guide. The draws are
+    detached (no gradient flows into the guide), so the guide's sites may be
+    discrete.
+
+    :param callable model: Pyro model ``model(v, *args)`` with latent sites.
+    :param callable guide: Pyro guide over exactly the model's latent sites.
+    :param torch.Tensor v: data of shape ``(N, *event)``.
+    :param int num_particles: L, draws per data item.
+    :param tuple args: further model / guide arguments.
+    :param dict kwargs: further model / guide keyword arguments.
+    :param bool create_graph: keep the graph (for gradients w.r.t. the model's
+        parameters or ``v``, when ``v`` requires grad).
+    :returns: the estimated score, shape of ``v``.
+
+    >>> s = vaes_score(grbm, guide, v, num_particles=10)
+
+    **References:** F. Bao, K. Xu, C. Li, L. Hong, J. Zhu, B. Zhang, "Variational
+    (gradient) estimate of the score function in energy-based latent variable
+    models", ICML 2021.
+    """
+    kwargs = kwargs or {}
+    if not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles must be an integer >= 1, got {num_particles!r}")
+    _check_data(v)
+    view, gview = energy_view(model), GuideView(guide)
+    check_guide_sites(view.structure(v, *args, **kwargs).latents, gview.sites(v, *args, **kwargs))
+    with torch.enable_grad():
+        s = _vaes(view, gview, v, args, kwargs, num_particles, create_graph)
+    return s if create_graph else s.detach()
+
+
+def _flat(x):
+    return x.reshape(x.shape[0], -1)
+
+
+def ksd_halves(score_fn, v, bandwidth=None):
+    r"""Kernelized Stein discrepancy :math:`\mathrm{KSD}^2` with an RBF kernel, by the
+    cross pairs of the two batch halves :math:`A, B` (independent, so unbiased):
+
+    .. math::
+
+        \widehat{\mathrm{KSD}}^2 = \frac{1}{|A||B|} \sum_{i \in A, j \in B} k_{ij}\Big[s_i^\top s_j
+            + \frac{(s_i - s_j)^\top (x_i - x_j)}{h^2} + \frac{D}{h^2} - \frac{\|x_i - x_j\|^2}{h^4}\Big],
+        \quad k_{ij} = e^{-\|x_i - x_j\|^2 / (2h^2)},
+
+    with the bandwidth :math:`h` given or the median distance between the halves.
+    ``score_fn(x)`` returns the scores at ``x``.
+    """
+    n = v.shape[0] // 2
+    if n < 1:
+        raise ValueError(f"the KSD objective needs a batch of at least 2 items, got {v.shape[0]}")
+    x = v.detach()
+    s = _flat(score_fn(x))
+    xa, xb = _flat(x[:n]), _flat(x[n:2 * n])
+    sa, sb = s[:n], s[n:2 * n]
+    diff = xa[:, None, :] - xb[None, :, :]
+    r2 = diff.pow(2).sum(-1)
+    if bandwidth is None:
+        h2 = r2.median().clamp_min(torch.finfo(r2.dtype).tiny)
+    else:
+        h2 = torch.as_tensor(float(bandwidth) ** 2, dtype=x.dtype, device=x.device)
+    k = torch.exp(-r2 / (2 * h2))
+    dim = xa.shape[1]
+    u = k * (sa @ sb.T + ((sa[:, None, :] - sb[None, :, :]) * diff).sum(-1) / h2 + dim / h2 - r2 / h2**2)
+    return u.mean()
+
+
+class VaGES:
+    r"""Score matching for EBLVMs with the variational gradient estimate (VaGES) of
+    the marginal score's parameter gradient.
+
+    The marginal score :math:`s_\theta(v) = \mathbb E_{p_\theta(h|v)}[\nabla_v \log
+    \tilde p_\theta(v, h)]` has the parameter gradient
+
+    .. math::
+
+        \nabla_\theta s_\theta(v)
+            = \mathbb E_{p_\theta(h|v)}\big[\nabla_\theta \nabla_v \log \tilde p_\theta(v, h)\big]
+            + \operatorname{Cov}_{p_\theta(h|v)}\big(\nabla_v \log \tilde p_\theta(v, h),
+            \nabla_\theta \log \tilde p_\theta(v, h)\big),
+
+    and VaGES estimates both terms with ``num_particles`` = L detached draws from
+    the guide :math:`q_\phi(h \mid v)` (the covariance by its unbiased sample
+    estimate, so L ≥ 2). For an objective :math:`J = \mathbb E\, j(s_\theta(v))`
+    (DSM, MDSM, or KSD on batch halves), the model takes a step along
+
+    .. math::
+
+        \widehat{\nabla_\theta J} = \mathbb E\Big[\big(\partial_s j(\hat s_A)\big)^\top
+            \widehat{\nabla_\theta s}_B\Big],
+
+    where the upstream vector :math:`\partial_s j` is evaluated at the VaES
+    :math:`\hat s_A` of one particle set and held constant, and
+    :math:`\widehat{\nabla_\theta s}_B` uses an independent set, so the product is
+    unbiased whenever the guide is the posterior. Before each model step,
+    ``inner_steps`` = K steps of ``guide_optim`` fit the guide with the model
+    frozen (``lower="kl"``: :math:`\mathbb E_q[\log q - \log \tilde p]`; ``"fisher"``
+    as in :class:`~pyro_ebm.infer.BiSM`), on noised data for DSM / MDSM.
+
+    :param callable model: Pyro model ``model(v, *args)`` with latent sites.
+    :param callable guide: Pyro guide over exactly the model's latent sites
+        (reparameterized when ``inner_steps > 0``).
+    :param pyro.optim.PyroOptim optim: optimizer of the model's parameters.
+    :param objective: ``"dsm"``, ``"mdsm"``, ``"ksd"``, or a ``DSM`` / ``MDSM`` instance.
+    :param int num_particles: L ≥ 2 draws per item for each particle set.
+    :param int inner_steps: K guide steps per model step.
+    :param pyro.optim.PyroOptim guide_optim: the guide's optimizer (default ``optim``).
+    :param float noise_scale: σ of ``"dsm"``.
+    :param float sigma_min: smallest noise level of ``"mdsm"``.
+    :param float sigma_max: largest noise level of ``"mdsm"``.
+    :param float sigma0: reference scale of ``"mdsm"``.
+    :param float bandwidth: RBF bandwidth of ``"ksd"`` (default: median heuristic).
+    :param str lower: ``"kl"`` or ``"fisher"``.
+
+    >>> vages = VaGES(grbm, AmortizedBernoulli(2, 4, site="h"), pyro.optim.Adam({"lr": 1e-3}),
+    ...               objective="dsm", noise_scale=0.05, num_particles=2, inner_steps=5)
+    >>> loss = vages.step(torch.randn(100, 2))
+
+    **References:** F. Bao, K. Xu, C. Li, L. Hong, J. Zhu, B. Zhang, "Variational
+    (gradient) estimate of the score function in energy-based latent variable
+    models", ICML 2021.
+    """
+
+    algorithm = "VaGES"
+
+    def __init__(self, model, guide, optim, objective="dsm", num_particles=2, inner_steps=5, guide_optim=None,
+                 noise_scale=0.1, sigma_min=0.05, sigma_max=1.0, sigma0=0.1, bandwidth=None, lower="kl"):
+        if isinstance(objective, (DSM, MDSM)):
+            self.objective = objective
+        elif objective == "dsm":
+            self.objective = DSM(noise_scale)
+        elif objective == "mdsm":
+            self.objective = MDSM(sigma_min, sigma_max, sigma0)
+        elif objective == "ksd":
+            self.objective = None
+        else:
+            raise ValueError(
+                f"objective must be 'dsm', 'mdsm', 'ksd' or a DSM / MDSM instance, got {objective!r}"
+            )
+        if not isinstance(num_particles, int) or num_particles < 2:
+            raise ValueError(
+                f"num_particles must be an integer >= 2 (VaGES's covariance term needs two draws), "
+                f"got {num_particles!r}"
+            )
+        if not isinstance(inner_steps, int) or inner_steps < 0:
+            raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
+        if bandwidth is not None and not bandwidth > 0:
+            raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+        if lower not in LOWER:
+            raise ValueError(f"lower must be one of {LOWER}, got {lower!r}")
+        guide_optim = optim if guide_optim is None else guide_optim
+        for name, opt in (("optim", optim), ("guide_optim", guide_optim)):
+            if not isinstance(opt, pyro.optim.PyroOptim):
+                raise TypeError(f"{name} must be a pyro.optim optimizer, got {type(opt).__name__}")
+        self.model, self.guide, self.optim, self.guide_optim = model, guide, optim, guide_optim
+        self.num_particles, self.inner_steps, self.lower = num_particles, inner_steps, lower
+        self.bandwidth = bandwidth
+        self.view = energy_view(model)
+        self.guide_view = GuideView(guide)
+        self.num_steps = 0
+        self.last_losses = {}
+        self._checked = set()
+
+    def _check(self, v, args, kwargs):
+        key = (tuple(v.shape), v.dtype, v.device.type, len(args))
+        if key in self._checked:
+            return
+        self.view._check_data(v)
+        guide_sites = self.guide_view.sites(v, *args, **kwargs)
+        model_latents = self.view.structure(v, *args, **kwargs).latents
+        if self.inner_steps:
+            check_lower(self.lower, model_latents, guide_sites,
+                        f"{self.algorithm}'s lower level (inner_steps > 0)")
+        else:
+            check_guide_sites(model_latents, guide_sites)
+        if self.objective is None and v.shape[0] < 2:
+            raise ValueError(f"the KSD objective needs a batch of at least 2 items, got {v.shape[0]}")
+        values = {k: x.detach() for k, x in self.guide_view.sample(v.detach(), *args, **kwargs).items()}
+        self.view.check_model(v, *args, values=values, **kwargs)
+        self._checked.add(key)
+
+    def _lower_data(self, v):
+        v = v.detach()
+        return self.objective.perturb(v).detach() if self.objective is not None else v
+
+    def _score_fn(self, args, kwargs, model_params):
+        """A surrogate score: its value is the VaES of particle set A; its gradient
+        in θ, contracted with any upstream vector a, is aᵀ(VaGES of set B)."""
+        L = self.num_particles
+        view, guide = self.view, self.guide_view
+
+        def score_fn(x):
+            x = x.detach()
+            s_a = _vaes(view, guide, x, args, kwargs, L, create_graph=False).detach()
+            with torch.no_grad():
+                values = guide.sample(x, *args, num_particles=L, **kwargs)
+            xb = x.clone().requires_grad_(True)
+            with _collect_params(model_params):
+                # (L, N): one row per particle
+                lp = view.log_density(xb, *args, values=values, per_item=True, num_chains=L, **kwargs)
+            grads = [torch.autograd.grad(lp[i].sum(), xb, create_graph=True, retain_graph=True)[0]
+                     for i in range(L)]
+            g = torch.stack(grads)  # (L, N, *event)
+            mean = g.mean(0)
+            weights = ((g - mean) / (L - 1)).detach()
+            cov = (weights * lp.reshape(lp.shape + (1,) * (g.dim() - 2))).sum(0)
+            t = mean + cov
+            return s_a + (t - t.detach())
+
+        return score_fn
+
+    def _loss(self, v, args, kwargs, model_params):
+        score_fn = self._score_fn(args, kwargs, model_params)
+        if self.objective is None:
+            return ksd_halves(score_fn, v, self.bandwidth)
+        return self.objective.per_item(score_fn, v).mean()
+
+    def step(self, *args, **kwargs) -> float:
+        """K guide steps, then one model step on the VaGES gradient; returns the
+        objective evaluated with the VaES. ``self.last_losses`` holds
+        ``{"upper": ..., "lower": mean lower-level loss}``."""
+        if not args:
+            raise ValueError(f"{self.algorithm}.step needs the data batch as its first argument")
+        v, rest = args[0], args[1:]
+        self._check(v, rest, kwargs)
+        with torch.enable_grad():
+            lower = inner_steps(self, lambda: self._lower_data(v), rest, kwargs)
+            params = set()
+            loss = self._loss(v, rest, kwargs, params)
+            value = float(loss.detach())
+            check_loss(self.algorithm, self.num_steps + 1, "upper-level", value)
+            params = list(params)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        apply_grads(self.optim, params, grads)
+        self.num_steps += 1
+        self.last_losses = {"upper": value, "lower": sum(lower) / len(lower) if lower else math.nan}
+        return value
+
+    def gradient(self, *args, **kwargs):
+        """The objective (a float) and the VaGES gradient by param-store name, at the
+        current parameters; nothing is updated."""
+        v, rest = args[0], args[1:]
+        self._check(v, rest, kwargs)
+        with torch.enable_grad():
+            params = set()
+            loss = self._loss(v, rest, kwargs, params)
+            params = list(params)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        store = pyro.get_param_store()
+        return float(loss.detach()), {store.param_name(p): g for p, g in zip(params, grads, strict=True)
+                                      if g is not None}
+
+    def evaluate_loss(self, *args, **kwargs) -> float:
+        """The objective evaluated with the VaES of the current guide (no update)."""
+        v, rest = args[0], args[1:]
+        self._check(v, rest, kwargs)
+        with torch.enable_grad():
+            return float(self._loss(v, rest, kwargs, set()).detach())
+
+
+class _Critic(torch.nn.Module):
+    """f(v) = A v + a + MLP(v): a linear part plus a SiLU network."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.linear = torch.nn.Linear(dim, dim)
+        nn = torch.nn
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, dim))
+
+    def forward(self, v):
+        return self.linear(v) + self.net(v)
+
+
+def _critic_objective(critic, x, s, exact):
+    x = x.detach().requires_grad_(True)
+    f = critic(x)
+    trace = exact_trace(f, x) if exact else hutchinson_trace(f, x)
+    return (s * f).sum(-1) + trace - 0.5 * f.pow(2).sum(-1)
+
+
+def fisher_divergence(model, guide, data, num_particles=10, critic=None, critic_steps=1000, batch_size=256,
+                      lr=1e-3, hidden=64, holdout=0.5, validation=0.2, eval_every=50, max_exact_dim=64,
+                      args=(), kwargs=None, return_critic=False):
+    r"""Estimate the Fisher divergence between the data and an EBLVM,
+
+    .. math::
+
+        \mathcal F = \tfrac12\, \mathbb E_{p_\text{data}}\big\|\nabla_v \log p_\text{data}(v)
+            - \nabla_v \log p_\theta(v)\big\|^2,
+
+    from samples alone, with the model's score given only through its VaES
+    :math:`\hat s(v)` (see :func:`vaes_score`). For any critic :math:`f`,
+    :math:`\tfrac12\|a\|^2 \ge a^\top f - \tfrac12\|f\|^2` with equality at
+    :math:`f = a`, and integration by parts gives
+    :math:`\mathbb E_{p_\text{data}}[f^\top \nabla \log p_\text{data}] = -\mathbb E_{p_\text{data}}
+    [\operatorname{tr} \nabla_v f]`, so
+
+    .. math::
+
+        \mathcal F = \max_f\ \mathbb E_{p_\text{data}}\Big[\hat s(v)^\top f(v)
+            + \operatorname{tr}\nabla_v f(v) - \tfrac12\|f(v)\|^2\Big],
+
+    attained at :math:`f = \nabla \log p_\theta - \nabla \log p_\text{data}`; the noise
+    of :math:`\hat s` averages out because :math:`f` depends on :math:`v` only, and
+    a critic short of the optimum gives a lower bound, short by
+    :math:`\tfrac12\mathbb E\|f - f^*\|^2`.
+
+    The data are split three ways: the critic (default: a linear map plus a
+    two-layer SiLU network) is trained by Adam on minibatches of the first
+    part, with the trace by Hutchinson's estimator
+    (:math:`u^\top \nabla_v (f^\top u)`, Rademacher :math:`u`); every
+    ``eval_every`` steps it is scored on the ``validation`` part and the best
+    checkpoint is kept (on a finite sample the objective is unbounded, so a
+    critic trained too long overfits); the estimate is its objective on the
+    ``holdout`` part, with an exact trace up to ``max_exact_dim`` dimensions.
+
+    :param callable model: Pyro model with latent sites, or a latent-free model
+        when ``guide`` is ``None`` (its exact score is used).
+    :param callable guide: guide for the VaES, or ``None``.
+    :param torch.Tensor data: samples of :math:`p_\text{data}`, shape ``(N, *event)``.
+    :param int num_particles: particles of the VaES.
+    :param torch.nn.Module critic: a critic ``f`` mapping flattened items
+        ``(n, D)`` to ``(n, D)``; default as above.
+    :param int critic_steps: Adam steps of the critic.
+    :param int batch_size: critic minibatch size.
+    :param float lr: critic learning rate.
+    :param int hidden: width of the default critic.
+    :param float holdout: fraction of the data kept for the estimate.
+    :param float validation: fraction of the rest kept for choosing the checkpoint.
+    :param int eval_every: steps between validation scores.
+    :param int max_exact_dim: largest dimension with an exact trace in evaluations.
+    :param bool return_critic: also return the trained critic.
+    :returns: the estimate (a float), or ``(estimate, critic)``.
+
+    >>> fisher_divergence(grbm, guide, test_data, num_particles=10)
+
+    **References:** F. Bao, K. Xu, C. Li, L. Hong, J. Zhu, B. Zhang, "Variational
+    (gradient) estimate of the score function in energy-based latent variable
+    models", ICML 2021; J. Gorham, L. Mackey, "Measuring sample quality with
+    Stein's method", NeurIPS 2015.
+    """
+    kwargs = kwargs or {}
+    _check_data(data)
+    for name, frac in (("holdout", holdout), ("validation", validation)):
+        if not 0 < frac < 1:
+            raise ValueError(f"{name} must be in (0, 1), got {frac}")
+    for name, value, least in (("critic_steps", critic_steps, 0), ("batch_size", batch_size, 1),
+                               ("num_particles", num_particles, 1), ("eval_every", eval_every, 1)):
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    n = data.shape[0]
+    n_eval = int(round(holdout * n))
+    n_val = int(round(validation * (n - n_eval)))
+    n_train = n - n_eval - n_val
+    if min(n_eval, n_val, n_train) < 1:
+        raise ValueError(
+            f"holdout={holdout} and validation={validation} leave an empty split of the {n} data items"
+        )
+    scores = []
+    for chunk in data.split(4096):
+        if guide is None:
+            with torch.enable_grad():
+                s = energy_view(model).score(chunk.detach().requires_grad_(True), *args, create_graph=False,
+                                             **kwargs)
+        else:
+            s = vaes_score(model, guide, chunk, num_particles, args, kwargs)
+        scores.append(s.detach())
+    x, s = _flat(data.detach()), _flat(torch.cat(scores))
+    check_finite("the model's estimated score", s)
+    train = x[:n_train], s[:n_train]
+    val = x[n_train:n_train + n_val], s[n_train:n_train + n_val]
+    held = x[n_train + n_val:], s[n_train + n_val:]
+    dim = x.shape[1]
+    exact = dim <= max_exact_dim
+    if critic is None:
+        critic = _Critic(dim, hidden).to(dtype=x.dtype, device=x.device)
+    optimizer = torch.optim.Adam(critic.parameters(), lr=lr)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.enable_grad():
+        best, best_state = _critic_value(critic, *val, exact), copy.deepcopy(critic.state_dict())
+        for step in range(1, critic_steps + 1):
+            idx = torch.randint(n_train, (min(batch_size, n_train),), generator=gen).to(x.device)
+            loss = -_critic_objective(critic, train[0][idx], train[1][idx], exact=False).mean()
+            if not math.isfinite(float(loss.detach())):
+                raise ValueError(
+                    f"fisher_divergence's critic diverged at step {step}: loss is {float(loss)}"
+                )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % eval_every == 0 or step == critic_steps:
+                value = _critic_value(critic, *val, exact)
+                if value > best:
+                    best, best_state = value, copy.deepcopy(critic.state_dict())
+        critic.load_state_dict(best_state)
+        estimate = _critic_value(critic, *held, exact)
+    return (estimate, critic) if return_critic else estimate
+
+
+def _critic_value(critic, x, s, exact):
+    total = 0.0
+    for xb, sb in zip(x.split(4096), s.split(4096), strict=True):
+        total += float(_critic_objective(critic, xb, sb, exact).detach().sum())
+    return total / x.shape[0]
