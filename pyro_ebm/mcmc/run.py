@@ -144,9 +144,12 @@ def sample(model_or_potential, kernel, num_chains, num_samples, warmup_steps=0, 
       support (``biject_to``), on the potential of
       :meth:`~pyro_ebm.energy.EnergyView.latent_potential`; draws come back in the
       constrained space under the site names. ``initial`` is ``None`` (draws from
-      the model's own sampling statements), a dict of constrained values
-      ``(num_chains, *site_shape)`` by site, or a packed unconstrained
-      ``(num_chains, dim)`` tensor;
+      the model's own sampling statements), ``"uniform"`` (uniform on (-2, 2) in
+      the unconstrained space, Stan's default, better when the priors are much
+      broader than the posterior: a chain started far out adapts a tiny step
+      size and may not reach the posterior within warmup, which R-hat then
+      shows), a dict of constrained values ``(num_chains, *site_shape)`` by
+      site, or a packed unconstrained ``(num_chains, dim)`` tensor;
     - a plain potential ``U(x)``, mapping ``(C, *event)`` to ``(C,)``, when
       ``initial`` is a ``(num_chains, *event)`` tensor and no model arguments are
       given and it accepts one argument (draws under the key ``"x"``); or a
@@ -292,6 +295,11 @@ def _as_x(z):
 def _latent_initial(potential, num_chains, initial):
     if initial is None:
         position = potential.sample_prior(num_chains)
+    elif isinstance(initial, str):
+        if initial != "uniform":
+            raise ValueError(f"initial must be None, 'uniform', a dict or a tensor, got {initial!r}")
+        prior = potential.sample_prior(num_chains)
+        position = 4 * torch.rand_like(prior) - 2
     elif isinstance(initial, dict):
         expected = {info.name: info.shape for info, *_ in potential.sites}
         unknown = sorted(set(initial) - set(expected))

@@ -27,8 +27,8 @@ def _one_thread():
 
 
 def model(y):
-    loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=DT), 10.0))
-    scale = pyro.sample("scale", dist.LogNormal(torch.tensor(0.0, dtype=DT), 1.0))
+    loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=DT), 2.0))
+    scale = pyro.sample("scale", dist.LogNormal(torch.tensor(0.0, dtype=DT), 0.5))
     with pyro.plate("data", len(y)):
         pyro.sample("y", dist.Normal(loc, scale), obs=y)
 

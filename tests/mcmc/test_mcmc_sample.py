@@ -210,6 +210,15 @@ def test_initial_dict_and_packed_tensor():
     torch.testing.assert_close(again.get_samples()["h"][:, 0], init["h"], atol=1e-3, rtol=0)
 
 
+def test_uniform_initialization():
+    torch.manual_seed(7)
+    samples = mcmc.sample(constrained, mcmc.ULA(1e-12), 200, 1, initial="uniform", progress=False)
+    log_scale = samples.get_samples()["scale"].log()
+    assert (log_scale.abs() < 2.0).all() and float(log_scale.std()) > 0.9  # uniform(-2, 2): sd 1.15
+    with pytest.raises(ValueError, match="'uniform'"):
+        mcmc.sample(constrained, mcmc.ULA(0.1), 2, 1, initial="prior-ish", progress=False)
+
+
 # -- bad input -----------------------------------------------------------------------------
 
 def discrete_model():
