@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from pyro import poutine
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.nn import PyroModule
-from pyro.nn.module import to_pyro_module_
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 from torch.func import functional_call
@@ -103,12 +102,16 @@ class ConcreteBernoulli(TorchDistribution):
         return value * self.logits - F.softplus(self.logits)
 
 
-def _as_pyro_module(encoder, what):
+def _check_module(encoder, what):
     if not isinstance(encoder, torch.nn.Module):
         raise TypeError(f"{what} must be a torch.nn.Module, got {type(encoder).__name__}")
-    # its parameters must reach Pyro's param store (SVI finds them there)
-    to_pyro_module_(encoder)
     return encoder
+
+
+def _register(guide):
+    # the encoder stays a plain nn.Module (cheap to call from ``conditionals``);
+    # a Pyro run registers its parameters in the param store, where SVI finds them
+    pyro.module(guide._pyro_get_fullname("encoder"), guide.encoder)
 
 
 def _check_data(v, where):
@@ -130,9 +133,8 @@ class AmortizedNormal(PyroModule):
     :param torch.nn.Module encoder: maps data ``v`` of shape ``(N, *event)`` to a pair
         ``(loc, scale)`` of tensors of equal shape ``(N, *latent_shape)`` with
         ``scale > 0`` (e.g. a softplus output); every dim after the first is an
-        event dim of the site. It is converted in place to a
-        :class:`~pyro.nn.PyroModule` (``pyro.nn.module.to_pyro_module_``) so that
-        its parameters live in Pyro's param store.
+        event dim of the site. Each Pyro run of the guide registers its
+        parameters in Pyro's param store (``pyro.module``).
     :param str site: name of the model's latent site this guide proposes.
 
     >>> class Encoder(torch.nn.Module):
@@ -153,7 +155,7 @@ class AmortizedNormal(PyroModule):
 
     def __init__(self, encoder: torch.nn.Module, site: str = "h"):
         super().__init__()
-        self.encoder = _as_pyro_module(encoder, "encoder")
+        self.encoder = _check_module(encoder, "encoder")
         self.site = str(site)
 
     def params(self, v):
@@ -176,6 +178,7 @@ class AmortizedNormal(PyroModule):
         return {self.site: dist.Normal(loc, scale).to_event(loc.dim() - 1)}
 
     def forward(self, v, *args, **kwargs):
+        _register(self)
         (q,) = self.conditionals(v).values()
         with pyro.plate("data", v.shape[0]):
             return pyro.sample(self.site, q)
@@ -229,7 +232,7 @@ class AmortizedBernoulli(PyroModule):
             self._flatten = True
         else:
             self._flatten = False
-        self.encoder = _as_pyro_module(encoder, "encoder")
+        self.encoder = _check_module(encoder, "encoder")
 
     def logits(self, v):
         """Logits :math:`\\ell = \\text{encoder}(v)`, shape ``(N, H)``."""
@@ -257,6 +260,7 @@ class AmortizedBernoulli(PyroModule):
         return {self.site: ConcreteBernoulli(self.logits(v), self.temperature).to_event(1)}
 
     def forward(self, v, *args, **kwargs):
+        _register(self)
         (q,) = self.conditionals(v).values()
         with pyro.plate("data", v.shape[0]):
             return pyro.sample(self.site, q)
@@ -348,13 +352,12 @@ class GuideView:
     def _direct_sample(self, v, args, kwargs, num_particles, with_log_density):
         shape = (num_particles,) if num_particles > 1 else ()
         values, lq = {}, 0.0
-        with pyro.validation_enabled(False):
-            conditionals = self.conditionals(v, *args, **kwargs)
-        for name, q in conditionals.items():
-            x = q.rsample(shape) if q.has_rsample else q.sample(shape)
-            values[name] = x
-            if with_log_density:
-                lq = lq + q.log_prob(x).sum()
+        with pyro.validation_enabled(False):  # checked once, by the structure trace
+            for name, q in self.conditionals(v, *args, **kwargs).items():
+                x = q.rsample(shape) if q.has_rsample else q.sample(shape)
+                values[name] = x
+                if with_log_density:
+                    lq = lq + q.log_prob(x).sum()
         return values, lq
 
     def sample(self, v, *args, num_particles=1, **kwargs) -> dict:
@@ -381,7 +384,7 @@ class GuideView:
         if self.direct:
             with pyro.validation_enabled(False):
                 conditionals = self.conditionals(v, *args, **kwargs)
-            return sum(q.log_prob(values[name]).sum() for name, q in conditionals.items())
+                return sum(q.log_prob(values[name]).sum() for name, q in conditionals.items())
         lq = self.view.log_density(v, *args, values=values,
                                    num_chains=num_particles if num_particles > 1 else None, **kwargs)
         return lq.sum()

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pyro
 import torch
@@ -43,19 +43,20 @@ def lower_loss(kind, model_view, guide, v, args=(), kwargs=None, num_particles=1
     :param str kind: ``"kl"`` or ``"fisher"``.
     :param model_view: the model's :class:`~pyro_ebm.energy.EnergyView`.
     :param guide: the guide's :class:`~pyro_ebm.guides.GuideView`.
-    :param set guide_params: if given, the guide's parameters are added to it.
+    :param set guide_params: if given, the parameters of the guide's ``pyro.param``
+        statements are added to it.
     """
     kwargs = kwargs or {}
     v = v.detach()
     L = num_particles
     chains = L if L > 1 else None
-    found = set() if guide_params is None else guide_params
+    collect = nullcontext() if guide_params is None else _collect_params(guide_params)
     if kind == "kl":
-        with _collect_params(found):
+        with collect:
             values, lq = guide.sample_and_log_density(v, *args, num_particles=L, **kwargs)
         lp = model_view.log_density(v, *args, values=values, num_chains=chains, **kwargs).sum()
         return (lq - lp) / (v.shape[0] * L)
-    with _collect_params(found):
+    with collect:
         values = guide.sample(v, *args, num_particles=L, **kwargs)
         lq = guide.log_density(v, *args, values=values, num_particles=L, **kwargs)
     lp = model_view.log_density(v, *args, values=values, num_chains=chains, **kwargs).sum()
@@ -92,30 +93,50 @@ def apply_grads(optim, params, grads):
         p.grad = None
 
 
+def guide_parameters(guide):
+    """The guide's parameters when it is an ``nn.Module`` whose parameters are its
+    own (no :class:`~pyro.nn.PyroParam`, which lives in the param store); else
+    ``None``: collect them from its ``pyro.param`` statements."""
+    if not isinstance(guide, torch.nn.Module):
+        return None
+    if any(getattr(m, "_pyro_params", None) for m in guide.modules()):
+        return None
+    return list(trainable_parameters(guide).values())
+
+
 def inner_steps(alg, data_fn, args, kwargs):
     """``alg.inner_steps`` real steps of ``alg.guide_optim`` on the guide's
     parameters with the model frozen, each on fresh data ``data_fn()``; returns
-    the losses. ``alg`` carries ``lower``, ``view``, ``guide_view``,
-    ``num_particles``, ``algorithm`` and ``num_steps``."""
+    the losses as 0-d tensors (checked later, once per step). ``alg`` carries
+    ``lower``, ``guide``, ``view``, ``guide_view``, ``num_particles``."""
     losses = []
-    for k in range(alg.inner_steps):
-        params = set()
+    own = guide_parameters(alg.guide)
+    for _ in range(alg.inner_steps):
+        found = None if own is not None else set()
         loss = lower_loss(alg.lower, alg.view, alg.guide_view, data_fn(), args, kwargs, alg.num_particles,
-                          params)
-        value = float(loss.detach())
-        check_loss(alg.algorithm, alg.num_steps + 1, f"lower-level (inner step {k + 1})", value)
-        if isinstance(alg.guide, torch.nn.Module):  # a guide may skip pyro.param (GuideView's direct path)
-            params.update(trainable_parameters(alg.guide).values())
-        params = list(params)
+                          found)
+        params = own if own is not None else list(found)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         apply_grads(alg.guide_optim, params, grads)
-        losses.append(value)
+        losses.append(loss.detach())
     return losses
 
 
 def check_loss(algorithm, step, where, value):
+    """Raise a ``ValueError`` naming the step when the float ``value`` is not finite."""
     if not math.isfinite(value):
         raise ValueError(f"{algorithm} diverged at step {step}: the {where} loss is {value}")
+
+
+def check_losses(algorithm, step, named_losses):
+    """One host sync for all losses of a step: raise a ``ValueError`` naming the
+    step and the first non-finite loss; return the values as floats."""
+    if not named_losses:
+        return []
+    values = torch.stack([loss.detach().reshape(()) for _, loss in named_losses]).tolist()
+    for (where, _), value in zip(named_losses, values, strict=True):
+        check_loss(algorithm, step, where, value)
+    return values
 
 
 class BiSM:
@@ -260,18 +281,18 @@ class BiSM:
 
         return score_fn
 
-    def _upper_loss(self, v, args, kwargs, model_params):
+    def _upper_loss(self, v, args, kwargs, model_params, unrolled_losses=None):
         """J(θ, φ_N(θ)) with the unrolled guide; the model's parameters are added
-        to ``model_params``."""
+        to ``model_params`` and the unrolled lower-level losses to ``unrolled_losses``."""
         weights = None
         if self.unroll_steps:
             weights = trainable_parameters(self.guide)
             unrolled = UnrolledAdam(self.guide_optim, weights)
-            for n in range(self.unroll_steps):
+            for _ in range(self.unroll_steps):
                 with self.guide_view.using(weights):
                     loss = self._lower_loss(v, args, kwargs)
-                check_loss(self.algorithm, self.num_steps + 1, f"unrolled lower-level (step {n + 1})",
-                           float(loss.detach()))
+                if unrolled_losses is not None:
+                    unrolled_losses.append(loss.detach())
                 weights = unrolled.step(loss, weights)
         with self.guide_view.using(weights):
             return self.objective.per_item(self._score_fn(args, kwargs, model_params), v).mean()
@@ -312,16 +333,18 @@ class BiSM:
         self._check(v, rest, kwargs)
         with torch.enable_grad():
             lower = self._inner_steps(v, rest, kwargs)
-            params = set()
-            loss = self._upper_loss(v, rest, kwargs, params)
-            value = float(loss.detach())
-            check_loss(self.algorithm, self.num_steps + 1, "upper-level", value)
+            params, unrolled = set(), []
+            loss = self._upper_loss(v, rest, kwargs, params, unrolled)
+            named = [(f"lower-level (inner step {k + 1})", x) for k, x in enumerate(lower)]
+            named += [(f"unrolled lower-level (step {n + 1})", x) for n, x in enumerate(unrolled)]
+            values = check_losses(self.algorithm, self.num_steps + 1, named + [("upper-level", loss)])
             params = list(params)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         apply_grads(self.optim, params, grads)
         self.num_steps += 1
-        self.last_losses = {"upper": value, "lower": sum(lower) / len(lower) if lower else math.nan}
-        return value
+        lower = values[: len(lower)]
+        self.last_losses = {"upper": values[-1], "lower": sum(lower) / len(lower) if lower else math.nan}
+        return values[-1]
 
     def evaluate_loss(self, *args, **kwargs) -> float:
         """The upper loss :math:`J(\\theta, \\phi)` with the current guide (no

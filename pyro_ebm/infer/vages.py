@@ -12,7 +12,7 @@ import torch
 
 from ..energy import check_finite, check_guide_sites
 from ..guides import GuideView
-from .bism import LOWER, _collect_params, apply_grads, check_loss, check_lower, inner_steps
+from .bism import LOWER, _collect_params, apply_grads, check_losses, check_lower, inner_steps
 from .score_matching import DSM, MDSM, energy_view, exact_trace, hutchinson_trace
 
 __all__ = ["VaGES", "fisher_divergence", "ksd_halves", "vaes_score"]
@@ -275,14 +275,15 @@ class VaGES:
             lower = inner_steps(self, lambda: self._lower_data(v), rest, kwargs)
             params = set()
             loss = self._loss(v, rest, kwargs, params)
-            value = float(loss.detach())
-            check_loss(self.algorithm, self.num_steps + 1, "upper-level", value)
+            named = [(f"lower-level (inner step {k + 1})", x) for k, x in enumerate(lower)]
+            values = check_losses(self.algorithm, self.num_steps + 1, named + [("upper-level", loss)])
             params = list(params)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         apply_grads(self.optim, params, grads)
         self.num_steps += 1
-        self.last_losses = {"upper": value, "lower": sum(lower) / len(lower) if lower else math.nan}
-        return value
+        lower = values[: len(lower)]
+        self.last_losses = {"upper": values[-1], "lower": sum(lower) / len(lower) if lower else math.nan}
+        return values[-1]
 
     def gradient(self, *args, **kwargs):
         """The objective (a float) and the VaGES gradient by param-store name, at the

@@ -218,7 +218,7 @@ def test_function_guide_with_pyro_params_works_without_unrolling():
             pyro.sample("h", dist.Normal(w * v, s).to_event(1))
 
     bism = BiSM(model, guide, pyro.optim.Adam({"lr": 0.05}), objective=SSM(), inner_steps=3, unroll_steps=0)
-    a_before = float(model.a)
+    a_before = model.a.item()
     loss = bism.step(v)
     assert math.isfinite(loss) and float(pyro.param("w")) != 0.1 and float(model.a) != a_before
     assert math.isfinite(bism.evaluate_loss(v))
