@@ -113,9 +113,11 @@ def to_inference_data(samples, stats=None):
         samples = samples.get_samples()
     data = inference_data_dict(samples, stats)
     az = _arviz()
-    if arviz_major_version() >= 1:
-        return az.from_dict(data)
-    return az.from_dict(posterior=data["posterior"], sample_stats=data.get("sample_stats"))
+    with warnings.catch_warnings():  # many chains of few draws is the layout meant here
+        warnings.filterwarnings("ignore", message="More chains")
+        if arviz_major_version() >= 1:
+            return az.from_dict(data)
+        return az.from_dict(posterior=data["posterior"], sample_stats=data.get("sample_stats"))
 
 
 def _as_arviz(samples):
@@ -138,18 +140,22 @@ def summary(samples, **kwargs):
     return _arviz().summary(_as_arviz(samples), **kwargs)
 
 
-def plot_trace(samples, path, var_names=None):
+def plot_trace(samples, path, var_names=None, max_chains=8):
     """Write ArviZ's trace plot (marginal density and trace per site, chains
     overlaid) to the PNG file ``path``, without opening a window (Agg canvas).
 
     :param samples: a :class:`~pyro_ebm.mcmc.Samples`, a dict of draws, or ArviZ data.
     :param path: the output file.
     :param list var_names: sites to plot (all by default).
+    :param int max_chains: plot only the first chains (a thousand overlaid
+        chains show nothing more and take minutes to draw); ``None`` for all.
     :returns: the path written, as a :class:`pathlib.Path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = _as_arviz(samples)
+    if max_chains is not None:
+        data = data.isel(chain=slice(0, max_chains))
     az = _arviz()
     if arviz_major_version() >= 1:  # pragma: no cover - ArviZ 1.x plots through a PlotCollection
         import matplotlib.pyplot as plt

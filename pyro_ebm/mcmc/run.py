@@ -120,11 +120,12 @@ class Samples:
 
         return summary(self, **kwargs)
 
-    def plot_trace(self, path):
-        """Write ArviZ's trace plot of every site to the PNG file ``path``."""
+    def plot_trace(self, path, **kwargs):
+        """Write ArviZ's trace plot of every site (the first 8 chains by default)
+        to the PNG file ``path``; see :func:`pyro_ebm.diagnostics.plot_trace`."""
         from ..diagnostics import plot_trace
 
-        return plot_trace(self, path)
+        return plot_trace(self, path, **kwargs)
 
     def __repr__(self):
         sites = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.get_samples().items())
