@@ -4,6 +4,8 @@ as the EBM's amortized sampler."""
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import torch
 from pyro import poutine
@@ -35,7 +37,11 @@ class MCMCTeaching:
            L(\theta) = \frac1N\sum_i E_\theta(x_i) - \frac1n\sum_j E_\theta(\tilde x_j),
 
        a Monte Carlo estimate of the negative log-likelihood's gradient
-       :math:`\mathbb E_\text{data}[\nabla_\theta E] - \mathbb E_{p_\theta}[\nabla_\theta E]`;
+       :math:`\mathbb E_\text{data}[\nabla_\theta E] - \mathbb E_{p_\theta}[\nabla_\theta E]`
+       (plus, with ``energy_penalty`` :math:`\alpha > 0`, the regularizer
+       :math:`\alpha\,(\overline{E_\theta(x)^2} + \overline{E_\theta(\tilde x)^2})`
+       of Du and Mordatch, 2019, which keeps the energies, and so the Langevin
+       steps, from running away);
     4. one step of Pyro's own ``SVI(vae_model, vae_guide, vae_optim, Trace_ELBO())``
        on :math:`\tilde x`: the encoder infers :math:`q_\phi(z \mid \tilde x)` and the
        VAE maximizes
@@ -78,6 +84,8 @@ class MCMCTeaching:
     :param int num_langevin_steps: K ≥ 0 revision steps.
     :param int num_chains: synthesized samples per step; ``None`` for the batch size.
     :param bool noise: Langevin noise on (default) or off (gradient descent).
+    :param float energy_penalty: α ≥ 0, weight of the squared-energy regularizer
+        (0, the paper's loss, by default).
     :param str obs_site: name of the VAE model's observed site when it has several.
     :param tuple event_shape: shape of one data item, for :meth:`sample` before any
         :meth:`step` (afterwards the last batch's shape, dtype and device are used).
@@ -90,11 +98,14 @@ class MCMCTeaching:
     >>> x = teaching.sample(64)             # VAE proposals revised by 20 Langevin steps
 
     **References:** J. Xie, Z. Zheng, P. Li, "Learning energy-based model with
-    variational auto-encoder as amortized sampler", AAAI 2021.
+    variational auto-encoder as amortized sampler", AAAI 2021; Y. Du, I. Mordatch,
+    "Implicit generation and modeling with energy-based models", NeurIPS 2019
+    (the energy penalty).
     """
 
     def __init__(self, energy_model, vae_model, vae_guide, ebm_optim, vae_optim, kernel,
-                 num_langevin_steps=20, num_chains=None, noise=True, obs_site=None, event_shape=None):
+                 num_langevin_steps=20, num_chains=None, noise=True, obs_site=None, event_shape=None,
+                 energy_penalty=0.0):
         for name, fn in (("energy_model", energy_model), ("vae_model", vae_model), ("vae_guide", vae_guide)):
             if not callable(fn):
                 raise TypeError(f"{name} must be a Pyro model / guide, got {type(fn).__name__}")
@@ -107,6 +118,10 @@ class MCMCTeaching:
         self.ebm_optim = ebm_optim
         self.num_chains = num_chains
         self.obs_site = obs_site
+        if not (isinstance(energy_penalty, (int, float)) and math.isfinite(energy_penalty)
+                and energy_penalty >= 0):
+            raise ValueError(f"energy_penalty must be a finite float >= 0, got {energy_penalty!r}")
+        self.energy_penalty = float(energy_penalty)
         self.sampler = AmortizedLangevin(self._initial_points, energy_model, kernel, num_langevin_steps,
                                          noise=noise)
         self.svi = SVI(vae_model, vae_guide, vae_optim, loss=Trace_ELBO())
@@ -170,52 +185,29 @@ class MCMCTeaching:
     # -- training -----------------------------------------------------------
 
     def step(self, x, *args, **kwargs):
-        """One teaching iteration on the data batch ``x`` (extra arguments go to all
-        three Pyro callables).
+        """One teaching iteration on the data batch ``x``: :meth:`synthesize`, then
+        :meth:`ebm_step` and :meth:`vae_step` (extra arguments go to all three Pyro
+        callables).
 
         :returns: dict with ``ebm_loss`` (:math:`L(\\theta)` above), ``vae_elbo``
             (the ELBO of the revised batch as Pyro's ``Trace_ELBO`` estimates it:
             minus the SVI loss), and the mean energies ``energy_data``,
-            ``energy_init`` (of :math:`x_0`) and ``energy_revised`` (of :math:`\\tilde x`).
+            ``energy_init`` (of :math:`x_0`) and ``energy_revised`` (of
+            :math:`\\tilde x`), all at the parameters before the update.
         """
-        x0, x_rev = self._synthesize(x, args, kwargs)
-        with poutine.trace(param_only=True) as capture:
-            e_data = self.sampler.energy(x, *args, **kwargs)
-            e_rev = self.sampler.energy(x_rev, *args, **kwargs)
-            loss = e_data.mean() - e_rev.mean()
-        self._check_value("EBM loss", loss)
-        with torch.no_grad():  # reported at the same parameters as the other energies
-            e_init = self.sampler.energy(x0, *args, **kwargs)
-        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
-        if not params:
-            raise ValueError("the energy model has no parameters: register its network with "
-                             "pyro.module(...) or make it a PyroModule")
-        loss.backward()
-        self.ebm_optim(params)
-        zero_grads(params)
-        vae_loss = self.svi.step(x_rev, *args, **kwargs)
-        self._check_value("VAE loss (-ELBO)", torch.as_tensor(vae_loss))
-        stats = self._stats(loss, -vae_loss, e_data, e_init, e_rev)
+        x0, x_rev = self.synthesize(x, *args, **kwargs)
+        with torch.no_grad():
+            e_init = self.sampler.energy(x0, *args, **kwargs).mean()
+        stats = self.ebm_step(x, x_rev, *args, **kwargs)
+        stats["vae_elbo"] = self.vae_step(x_rev, *args, **kwargs)
+        stats["energy_init"] = float(e_init)
         self.iteration += 1
         return stats
 
-    def evaluate_loss(self, x, *args, **kwargs):
-        """The quantities of :meth:`step` on fresh samples, with no update."""
-        x0, x_rev = self._synthesize(x, args, kwargs)
-        with torch.no_grad():
-            e_data, e_init, e_rev = (self.sampler.energy(v, *args, **kwargs) for v in (x, x0, x_rev))
-        elbo = -self.svi.evaluate_loss(x_rev, *args, **kwargs)
-        return self._stats(e_data.mean() - e_rev.mean(), elbo, e_data, e_init, e_rev)
-
-    def sample(self, n, *args, return_trajectory=False, **kwargs):
-        """``n`` samples of the taught VAE revised by its K Langevin steps on the EBM,
-        ``(n, *event)`` (and the trajectory ``(n, K + 1, *event)``, the VAE's decoder
-        means first, with ``return_trajectory=True``)."""
-        return self.sampler.sample(n, *args, return_trajectory=return_trajectory, **kwargs)
-
-    # -- helpers ------------------------------------------------------------
-
-    def _synthesize(self, x, args, kwargs):
+    def synthesize(self, x, *args, **kwargs):
+        """Decoder means :math:`x_0` at fresh prior draws and their Langevin
+        revisions :math:`\\tilde x`, both ``(n, *event)`` with ``n = num_chains`` or
+        ``len(x)``; also kept as :attr:`last_init` and :attr:`last_revised`."""
         check_batch("data", x)
         n = self.num_chains or x.shape[0]
         if n != x.shape[0] and (args or kwargs):
@@ -229,15 +221,57 @@ class MCMCTeaching:
         self.last_init, self.last_revised = x0, x_rev
         return x0, x_rev
 
-    @staticmethod
-    def _stats(ebm_loss, elbo, e_data, e_init, e_rev):
+    def ebm_step(self, x, x_revised, *args, **kwargs):
+        """One step of ``ebm_optim`` on the EBM's parameters along
+        :math:`\\nabla_\\theta L(\\theta)`.
+
+        :returns: dict with ``ebm_loss``, ``energy_data`` and ``energy_revised``
+            (before the update)."""
+        with poutine.trace(param_only=True) as capture:
+            e_data = self.sampler.energy(x, *args, **kwargs)
+            e_rev = self.sampler.energy(x_revised, *args, **kwargs)
+            loss = e_data.mean() - e_rev.mean()
+            objective = loss
+            if self.energy_penalty:
+                objective = loss + self.energy_penalty * (e_data.pow(2).mean() + e_rev.pow(2).mean())
+        self._check_value("EBM loss", objective)
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        if not params:
+            raise ValueError("the energy model has no parameters: register its network with "
+                             "pyro.module(...) or make it a PyroModule")
+        objective.backward()
+        self.ebm_optim(params)
+        zero_grads(params)
+        return {"ebm_loss": float(loss.detach()), "energy_data": float(e_data.detach().mean()),
+                "energy_revised": float(e_rev.detach().mean())}
+
+    def vae_step(self, x_revised, *args, **kwargs):
+        """One step of Pyro's ``SVI(vae_model, vae_guide, vae_optim, Trace_ELBO())``
+        on the revised samples; returns the ELBO estimate (minus SVI's loss)."""
+        vae_loss = self.svi.step(x_revised, *args, **kwargs)
+        self._check_value("VAE loss (-ELBO)", torch.as_tensor(vae_loss))
+        return -float(vae_loss)
+
+    def evaluate_loss(self, x, *args, **kwargs):
+        """The quantities of :meth:`step` on fresh samples, with no update."""
+        x0, x_rev = self.synthesize(x, *args, **kwargs)
+        with torch.no_grad():
+            e_data, e_init, e_rev = (self.sampler.energy(v, *args, **kwargs).mean() for v in (x, x0, x_rev))
         return {
-            "ebm_loss": float(ebm_loss.detach()),
-            "vae_elbo": float(elbo),
-            "energy_data": float(e_data.detach().mean()),
-            "energy_init": float(e_init.detach().mean()),
-            "energy_revised": float(e_rev.detach().mean()),
+            "ebm_loss": float(e_data - e_rev),
+            "vae_elbo": -float(self.svi.evaluate_loss(x_rev, *args, **kwargs)),
+            "energy_data": float(e_data),
+            "energy_init": float(e_init),
+            "energy_revised": float(e_rev),
         }
+
+    def sample(self, n, *args, return_trajectory=False, **kwargs):
+        """``n`` samples of the taught VAE revised by its K Langevin steps on the EBM,
+        ``(n, *event)`` (and the trajectory ``(n, K + 1, *event)``, the VAE's decoder
+        means first, with ``return_trajectory=True``)."""
+        return self.sampler.sample(n, *args, return_trajectory=return_trajectory, **kwargs)
+
+    # -- helpers ------------------------------------------------------------
 
     def _check_value(self, name, value):
         if not bool(torch.isfinite(value).all()):
