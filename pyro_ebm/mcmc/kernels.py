@@ -223,7 +223,7 @@ class ULA(_Kernel):
     def step(self, state):
         x, g = state.position, state.grad
         h = _column(state.step_size, x)
-        proposal = x - h * g + (2 * h).sqrt() * torch.randn_like(x)
+        proposal = torch.addcmul(torch.addcmul(x, h, g, value=-1.0), (2 * h).sqrt(), torch.randn_like(x))
         u_new, g_new = potential_and_grad(state.potential_fn, proposal)
         return _langevin_move(state, proposal, u_new, g_new)
 
@@ -268,15 +268,15 @@ class MALA(_Kernel):
         x, g, u = state.position, state.grad, state.potential_energy
         h = _column(state.step_size, x)
         noise = torch.randn_like(x)
-        proposal = x - h * g + (2 * h).sqrt() * noise
+        proposal = torch.addcmul(torch.addcmul(x, h, g, value=-1.0), (2 * h).sqrt(), noise)
         u_new, g_new = potential_and_grad(state.potential_fn, proposal)
-        # log q(x'|x) = -|sqrt(2h) noise|^2 / (4h) = -|noise|^2 / 2
-        log_fwd = -0.5 * _sq_norm(noise)
-        log_rev = -_sq_norm(x - proposal + h * g_new) / (4 * state.step_size)
-        log_ratio = u - u_new + log_rev - log_fwd
+        # log q(x'|x) = -|sqrt(2h) noise|^2 / (4h) = -|noise|^2 / 2, so
+        # log_ratio = U(x) - U(x') + |noise|^2 / 2 - |x - x' + h ∇U(x')|^2 / (4h)
+        log_rev = _sq_norm(torch.addcmul(x - proposal, h, g_new)) / (4 * state.step_size)
+        log_ratio = torch.add(u - u_new, _sq_norm(noise), alpha=0.5) - log_rev
         # a non-finite U(x') or ∇U(x') makes log_ratio non-finite
         ok = torch.isfinite(log_ratio)
-        accept_prob = torch.where(ok, log_ratio.clamp(max=0).exp(), torch.zeros_like(log_ratio))
+        accept_prob = torch.where(ok, log_ratio, -math.inf).clamp(max=0).exp()
         accept = torch.rand_like(accept_prob) < accept_prob
         keep = _column(accept, x)
         return state._replace(
@@ -408,7 +408,7 @@ class HMC(_Kernel):
         log_ratio = (u0 + 0.5 * _sq_norm(p0)) - (u + 0.5 * _sq_norm(p))
         finite = torch.isfinite(log_ratio)
         diverging = ~finite | (log_ratio < -self.max_delta_energy)
-        accept_prob = torch.where(finite, log_ratio.clamp(max=0).exp(), torch.zeros_like(log_ratio))
+        accept_prob = torch.where(finite, log_ratio, -math.inf).clamp(max=0).exp()
         accept = torch.rand_like(accept_prob) < accept_prob
         keep = _column(accept, x0)
         return state._replace(
@@ -483,6 +483,7 @@ class AnnealedLangevin(_Kernel):
         x, g = state.position, state.grad
         h = _column(state.step_size, x)
         temperature = self.temperature(state.iteration)
-        proposal = x - h * g + (2 * temperature * h).sqrt() * torch.randn_like(x)
+        proposal = torch.addcmul(torch.addcmul(x, h, g, value=-1.0), (2 * temperature * h).sqrt(),
+                                 torch.randn_like(x))
         u_new, g_new = potential_and_grad(state.potential_fn, proposal)
         return _langevin_move(state, proposal, u_new, g_new)
