@@ -15,7 +15,7 @@
 
     python benchmarks/samplers.py --threads 1
     python benchmarks/samplers.py --quick          # seconds, for a smoke run
-    python benchmarks/samplers.py --gpu --skip-cpu
+    python benchmarks/samplers.py --sections gpu
 """
 
 import argparse
@@ -187,10 +187,11 @@ def overhead(args):
 
 def gpu(args):
     print("\n## 3. GPU: MALA chain-steps/s, 2-hidden-layer MLP energy in 64-D\n")
-    if not torch.cuda.is_available():
+    device = torch.device(args.gpu_device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("skipped: CUDA is not available")
         return None
-    device = torch.device("cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     energy = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.SiLU(), torch.nn.Linear(256, 256),
                                  torch.nn.SiLU(), torch.nn.Linear(256, 1)).to(device)
@@ -200,7 +201,8 @@ def gpu(args):
     def potential(x):
         return energy(x).squeeze(-1) + 0.5 * x.pow(2).sum(-1)
 
-    print(f"device: {torch.cuda.get_device_name(device)}\n")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}\n")
     print("| chains | steps | seconds | chain-steps/s |")
     print("|---|---|---|---|")
     kernel = mcmc.MALA(0.01, target_accept=None)
@@ -209,16 +211,17 @@ def gpu(args):
         state = kernel.init(torch.randn(chains, 64, device=device), potential)
         for _ in range(3):
             state = kernel.step(state)
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         for _ in range(args.gpu_steps):
             state = kernel.step(state)
-        torch.cuda.synchronize()
+        sync()
         seconds = time.perf_counter() - start
         out[chains] = chains * args.gpu_steps / seconds
         print(f"| {chains:,} | {args.gpu_steps} | {seconds:.3f} | {out[chains]:.3g} |")
         del state
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
@@ -231,13 +234,15 @@ def main(argv=None):
     parser.add_argument("--nuts-samples", type=int, default=500)
     parser.add_argument("--nuts-warmup", type=int, default=300)
     parser.add_argument("--overhead-steps", type=int, default=200)
-    parser.add_argument("--overhead-data", type=int, nargs="+", default=[50, 500])
+    parser.add_argument("--overhead-data", type=int, nargs="+", default=[50, 500, 2000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--gpu", action="store_true", help="run the GPU section")
+    parser.add_argument("--sections", nargs="+", choices=["ess", "overhead", "gpu"],
+                        default=["ess", "overhead"], help="sections to run")
+    parser.add_argument("--gpu", action="store_true", help="also run the GPU section")
     parser.add_argument("--gpu-chains", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--gpu-steps", type=int, default=20)
-    parser.add_argument("--skip-cpu", action="store_true", help="only the GPU section")
+    parser.add_argument("--gpu-device", default="cuda", help="device of the GPU section ('cpu' to try it)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
@@ -248,10 +253,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     print(f"# pyro_ebm sampler benchmarks (torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")
     results = {}
-    if not args.skip_cpu:
+    if "ess" in args.sections:
         results["ess_ratio"] = ess_per_second(args)
+    if "overhead" in args.sections:
         results["overhead"] = overhead(args)
-    if args.gpu:
+    if args.gpu or "gpu" in args.sections:
         results["gpu"] = gpu(args)
     return results
 
