@@ -25,7 +25,9 @@ callable (model or guide) at given latent values.
 
 from __future__ import annotations
 
+import inspect
 import math
+import weakref
 from typing import Callable, NamedTuple
 
 import pyro
@@ -225,11 +227,21 @@ class EnergyView:
     >>> lp = view.log_density(v, {"h": h}, per_item=True)   # shape (len(v),)
     """
 
-    def __init__(self, model: Callable):
+    def __init__(self, model: Callable, weak: bool = False):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
-        self.model = model
+        if weak:  # a cached view must not keep its model (the cache's key) alive
+            self._model_ref = weakref.WeakMethod(model) if inspect.ismethod(model) else weakref.ref(model)
+        else:
+            self._model_ref = lambda: model
         self._structures = {}
+
+    @property
+    def model(self):
+        model = self._model_ref()
+        if model is None:
+            raise ReferenceError("the model of this EnergyView no longer exists")
+        return model
 
     # -- structure -------------------------------------------------------
 

@@ -166,3 +166,21 @@ def test_discrete_latent_rejected_for_gradients():
         view.latent_potential(torch.randn(3, 2))
     with pytest.raises(ValueError, match=r"'h' \(Bernoulli, discrete\)"):
         require_reparameterized(view.structure(torch.randn(3, 2)).latents.values(), "BiSM")
+
+
+def test_cached_view_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
+    from pyro_ebm.infer.score_matching import _VIEWS, energy_view
+    from pyro_ebm.models import GaussianRBM
+
+    grbm = GaussianRBM(2, 3)
+    view = energy_view(grbm.marginal)
+    assert energy_view(grbm) is energy_view(grbm)
+    assert view.log_density(torch.rand(4, 2)).shape == ()
+    ref = weakref.ref(grbm)
+    before = len(_VIEWS)
+    del grbm, view
+    gc.collect()
+    assert ref() is None and len(_VIEWS) < before

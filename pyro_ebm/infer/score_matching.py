@@ -30,7 +30,7 @@ def energy_view(model) -> EnergyView:
     except TypeError:  # not weak-referenceable
         return EnergyView(model)
     if view is None:
-        view = _VIEWS[model] = EnergyView(model)
+        view = _VIEWS[model] = EnergyView(model, weak=True)
     return view
 
 
