@@ -8,14 +8,15 @@ teaching match the data better than short-run Langevin from noise with the same
 K, and the taught VAE beats the VAE trained alone.
 
 Data: ``datasets.toy("8gaussians")`` (modes at radius 2, σ = 0.2), 5000
-training points, 2000 held-out points. Networks: energy MLP 2-128-128-1 (SiLU)
+training points, 1000 held-out points. Networks: energy MLP 2-128-128-1 (SiLU)
 plus the reference term ‖x‖²/18; VAE with a 2-d latent, decoder 2-128-128-2
-(identity mean, σ = 0.1), encoder 2-128-2·2. Batch 200, K = 20 ULA steps of
-size 0.01 (noise on) for both EBMs, the same optimizers. Metrics on 2000
-samples against the held-out points: MMD² (×1000) with RBF bandwidths 0.1,
-0.2, 0.5 and 1; the number of modes that receive at least 5% of the samples
-(of 8; 12.5% each under the data), and the share of samples farther than 3σ
-from every mode.
+(identity mean, σ = 0.1), encoder 2-128-2·2. Batch 200, 1000 iterations, K = 20
+ULA steps of size 0.01 (noise on) for both EBMs, the same optimizers (EBM: Adam,
+learning rate 1e-3, betas (0.5, 0.999), energy penalty α = 0.01; VAE: Adam,
+1e-3). Metrics on 1000 samples against the held-out points: MMD² (×1000) with
+RBF bandwidths 0.1, 0.2, 0.5 and 1; the number of modes that receive at least
+5% of the samples (of 8; 12.5% each under the data), and the share of samples
+farther than 3σ from every mode.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ DECODER_SCALE = 0.1
 BATCH = 200
 LANGEVIN_STEPS = 20
 STEP_SIZE = 1e-2
-ITERATIONS = 1500
+ITERATIONS = 1000
+ENERGY_PENALTY = 0.01
 BANDWIDTHS = (0.1, 0.2, 0.5, 1.0)
 _ANGLES = torch.arange(8) * math.pi / 4
 CENTERS = 2.0 * torch.stack([torch.cos(_ANGLES), torch.sin(_ANGLES)], -1)
@@ -94,7 +96,7 @@ def build(seed):
 
 
 def ebm_optim():
-    return pyro.optim.ClippedAdam({"lr": 1e-3, "betas": (0.5, 0.999), "clip_norm": 1.0})
+    return pyro.optim.Adam({"lr": 1e-3, "betas": (0.5, 0.999)})
 
 
 def vae_optim():
@@ -113,7 +115,8 @@ def _batches(x, seed, iterations):
 def train_teaching(seed, x_train, iterations):
     energy, vae = build(seed)
     teaching = MCMCTeaching(energy, vae.model, vae.guide, ebm_optim(), vae_optim(),
-                            kernel=mcmc.ULA(STEP_SIZE), num_langevin_steps=LANGEVIN_STEPS)
+                            kernel=mcmc.ULA(STEP_SIZE), num_langevin_steps=LANGEVIN_STEPS,
+                            energy_penalty=ENERGY_PENALTY)
     for batch in _batches(x_train, seed, iterations):
         teaching.step(batch)
     return teaching, energy
@@ -130,7 +133,7 @@ def train_vae(seed, x_train, iterations):
 def train_short_run(seed, x_train, iterations):
     energy, _ = build(seed)
     sampler = mcmc.AmortizedLangevin(noise, energy, mcmc.ULA(STEP_SIZE), LANGEVIN_STEPS)
-    return short_run_ebm(sampler, ebm_optim(), x_train, iterations, seed, BATCH), energy
+    return short_run_ebm(sampler, ebm_optim(), x_train, iterations, seed, BATCH, ENERGY_PENALTY), energy
 
 
 def mode_stats(x):
@@ -191,7 +194,7 @@ def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = tuple(seeds)[:1] if quick else tuple(seeds)
     iterations = 10 if quick else ITERATIONS
-    n = 300 if quick else 2000
+    n = 300 if quick else 1000
     x_test = datasets.toy("8gaussians", n, seed=10_000)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
