@@ -15,6 +15,7 @@ from pyro.nn.module import to_pyro_module_
 from pyro.poutine.util import site_is_subsample
 
 from ..energy import check_finite, check_guide_sites, require_reparameterized
+from ..guides import GuideView
 from ..metrics import auroc
 from .bism import apply_grads, check_loss
 from .score_matching import energy_view
@@ -256,6 +257,7 @@ class BiDVL:
         self.latent_loss, self.decoder_sample = latent_loss, decoder_sample
         self.num_samples, self.obs_site = num_samples, obs_site
         self.view = energy_view(energy_model)
+        self.guide_view = GuideView(encoder_guide)
         self.elbo = Trace_ELBO()
         self.num_steps = 0
         #: the decoder draws :math:`\hat v` of the last upper-level step (detached)
@@ -361,14 +363,20 @@ class BiDVL:
         return e
 
     def _latent_term(self, v_hat, h_hat, args, kwargs, weights=None, params=None):
-        guide = functional(self.encoder_guide, weights)
-        trace = poutine.trace(guide).get_trace(v_hat, *args, **kwargs)
+        with poutine.trace(param_only=True) as tracer:
+            if self.guide_view.direct:  # the guide's own distributions, no Pyro run
+                with self.guide_view.using(weights):
+                    qs = self.guide_view.conditionals(v_hat, *args, **kwargs)
+            else:
+                guide = functional(self.encoder_guide, weights)
+                trace = poutine.trace(guide).get_trace(v_hat, *args, **kwargs)
+                qs = {name: trace.nodes[name]["fn"] for name in h_hat}
         if params is not None:
-            _param_tensors(trace, params)
+            _param_tensors(tracer.trace, params)
         n = v_hat.shape[0]
         total = 0.0
         for name, h in h_hat.items():
-            q = trace.nodes[name]["fn"]
+            q = qs[name]
             if self.latent_loss == "mse":
                 total = total + (q.mean - h).pow(2).reshape(n, -1).sum(-1)
             else:
@@ -442,8 +450,12 @@ class BiDVL:
                 v_hat = self._draw(n, args, kwargs)[0]
         check_finite("decoder draws v̂", v_hat.detach())
         self.last_samples = v_hat.detach()
-        e_data = self.energy(v, *args, params=params, **kwargs)
-        e_sample = self.energy(v_hat, *args, params=params, **kwargs)
+        if args or kwargs:  # per-item arguments: one run per batch
+            e_data = self.energy(v, *args, params=params, **kwargs)
+            e_sample = self.energy(v_hat, *args, params=params, **kwargs)
+        else:  # one run over data and draws together
+            e_data, e_sample = self.energy(torch.cat([v, v_hat.to(v.dtype)]), params=params).split(
+                [v.shape[0], v_hat.shape[0]])
         return e_data.mean() - e_sample.mean(), e_data, e_sample
 
     # -- public ------------------------------------------------------------

@@ -383,3 +383,19 @@ def test_divergence_names_the_step():
     pyro.get_param_store()["a"].data.fill_(float("nan"))
     with pytest.raises(ValueError, match=r"BiDVL diverged at step 3: the lower-level \(step 1\) loss is nan"):
         bidvl.step(v)
+
+
+def test_example_script_with_tiny_sizes(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "bidvl.py"
+    spec = importlib.util.spec_from_file_location("bidvl_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "samples.png"
+    results = example.main(["--iterations", "40", "--hidden", "32", "--latent", "4", "--batch", "64",
+                            "--energy-lr", "1e-3", "--langevin-steps", "2", "--out", str(out)])
+    assert out.stat().st_size > 1000
+    assert results["AUROC -E vs uniform noise"] > 0.9
+    assert 0 < results["reconstruction error"] < 20
