@@ -69,10 +69,9 @@ def test_summary_prints_and_arviz_from_pyro_accepts_it(capsys):
     driver.summary()
     out = capsys.readouterr().out
     assert "loc" in out and "scale" in out and "Number of divergences: 0" in out
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        idata = az.from_pyro(driver, log_likelihood=False)
+    idata = az.from_pyro(driver)
     assert idata.posterior["loc"].shape == (1, 50)
+    assert idata.log_likelihood["y"].shape == (1, 50, len(DATA))
     assert idata.sample_stats["diverging"].shape == (1, 50)
     assert not bool(idata.sample_stats["diverging"].any())
 
