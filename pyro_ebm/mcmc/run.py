@@ -63,6 +63,8 @@ class Samples:
     """The draws of :func:`sample`: positions of every chain and the per-step
     statistics, in the ArviZ layout ``(chain, draw, ...)``.
 
+    :ivar torch.Tensor positions: ``(chain, draw, *event)`` kept positions, in the
+        unconstrained space for a Pyro model.
     :ivar dict stats: ``accept_prob``, ``step_size``, ``potential_energy``,
         ``diverging`` (and ``energy``, the Hamiltonian, for kernels with a
         momentum), each ``(chain, draw)``.
@@ -151,10 +153,10 @@ def sample(model_or_potential, kernel, num_chains, num_samples, warmup_steps=0, 
       size and may not reach the posterior within warmup, which R-hat then
       shows), a dict of constrained values ``(num_chains, *site_shape)`` by
       site, or a packed unconstrained ``(num_chains, dim)`` tensor;
-    - a plain potential ``U(x)``, mapping ``(C, *event)`` to ``(C,)``, when
-      ``initial`` is a ``(num_chains, *event)`` tensor and no model arguments are
-      given and it accepts one argument (draws under the key ``"x"``); or a
-      :class:`~pyro_ebm.energy.LatentPotential`.
+    - a plain potential ``U(x)``, mapping ``(C, *event)`` to ``(C,)``: taken as such
+      when ``initial`` is a ``(num_chains, *event)`` tensor, no model arguments
+      are given and the callable takes one argument (draws under the key
+      ``"x"``); or a :class:`~pyro_ebm.energy.LatentPotential`.
 
     During warmup, kernels with ``adapt_step_size`` (MALA, HMC) adapt each chain's
     step size toward their ``target_accept`` by :class:`DualAveraging`. A divergent
