@@ -24,15 +24,6 @@ with warnings.catch_warnings():
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batches run fastest on one thread (and do not fight other processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 COV = torch.tensor([[1.0, 0.8], [0.8, 1.0]], dtype=DT)
 PREC = torch.linalg.inv(COV)
 

@@ -18,14 +18,6 @@ with warnings.catch_warnings():
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def model(y):
     loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=DT), 2.0))
     scale = pyro.sample("scale", dist.LogNormal(torch.tensor(0.0, dtype=DT), 0.5))

@@ -22,15 +22,6 @@ with warnings.catch_warnings():
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batches run fastest on one thread (and do not fight other processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mean_and_se(draws):
     """Mean of a (chain, draw) array and its MC standard error from the bulk ESS."""
     draws = draws.detach().double()
