@@ -41,7 +41,7 @@ def curve_data(n: int, seed: int) -> torch.Tensor:
     return x + 0.01 * torch.randn(n, 2, generator=g)
 
 
-def train_curve_gebm(train, iterations, seed, batch_size=256, lr=1e-3, penalty=1e-3, warmup=100):
+def train_curve_gebm(train, iterations, seed, batch_size=256, lr=5e-4, penalty=1e-2, warmup=100):
     """A GEBM (1-D latent, MLP generator and energy) trained by KALE on ``train``."""
     torch.manual_seed(seed)
     gebm = GEBM(MLP(1, 2, (64, 64)), MLP(2, 1, (64, 64)), latent_dim=1)
@@ -196,32 +196,37 @@ def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
         "",
         "**Low intrinsic dimension.** Data on the curve (t, 0.6 sin πt) in 2-D with two dense "
         "stretches; a GEBM with a 1-D latent, MLP generator and energy (64-64, SiLU), trained by KALE "
-        f"({10 if quick else 2000} generator iterations of 5 critic steps, batch 256, Adam 1e-3, "
-        "gradient penalty 1e-3). Unbiased MMD² × 10³ to held-out data (RBF bandwidths 0.05, 0.1, 0.2; "
-        f"{150 if quick else 2000} samples), mean ± sd over seeds {list(seeds)}. Each GEBM sampler runs "
+        f"({10 if quick else 2000} generator iterations of 5 critic steps, batch 256, Adam 5e-4, "
+        "gradient penalty 1e-2). Unbiased MMD² × 10³ to held-out data (RBF bandwidths 0.05, 0.1, 0.2; "
+        f"{150 if quick else 2000} samples), per seed and the mean. Each GEBM sampler runs "
         f"one chain per sample from base draws with {10 if quick else 500} gradient evaluations "
         "(ULA 0.01, MALA 0.05 adapted to 0.57, underdamped 0.1 with friction 1, HMC 0.1 × 5 "
         "leapfrog adapted to 0.8), at temperature 1.",
         "",
-        "| samples | MMD² × 10³ |",
-        "| --- | --- |",
+        "| samples | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+        "| --- " * (len(seeds) + 2) + "|",
     ]
     for name, values in rows.items():
-        lines.append(f"| {name} | {_fmt(values)} |")
-    lines.append(f"| training data (noise floor) | {floor:.1f} |")
-    gebm_means = {k: sum(v) / len(v) for k, v in rows.items() if k.startswith("GEBM")}
-    better = sum(1 for k, v in rows.items() if k.startswith("GEBM")
-                 and all(a < b for a, b in zip(v, base.tolist(), strict=True)))
-    best = min(gebm_means, key=gebm_means.get)
-    verdict = "holds" if better == len(gebm_means) else ("partly holds" if better else "does not hold")
+        cells = " | ".join(f"{v:.1f}" for v in values)
+        lines.append(f"| {name} | {cells} | {sum(values) / len(values):.1f} |")
+    lines.append(f"| training data (noise floor) | {floor:.1f} |" + " |" * len(seeds))
+    gebm_rows = {k: v for k, v in rows.items() if k.startswith("GEBM")}
+    wins = sum(a < b for v in gebm_rows.values() for a, b in zip(v, base.tolist(), strict=True))
+    pairs = len(gebm_rows) * len(seeds)
+    means = {k: sum(v) / len(v) for k, v in gebm_rows.items()}
+    best = min(means, key=means.get)
+    verdict = ("holds" if wins == pairs else "mostly holds" if wins >= 0.75 * pairs
+               else "partly holds" if wins else "does not hold")
     lines += [
         "",
-        f"Verdict: the claim {verdict} here. The base alone scores {_fmt(base.tolist())}; "
-        f"{better} of {len(gebm_means)} GEBM samplers beat it on every seed, the best being {best} "
-        f"({gebm_means[best]:.1f}). The final KALE estimate (mean of the last 50 iterations) is "
-        f"{_fmt(kale_final, 3)} nats. The energy moves mass along the generator's curve toward the dense "
-        "stretches; it cannot fix the curve's shape, which is the generator's job "
-        "(figure `gebm_toy_samples.png`).",
+        f"Verdict: the claim {verdict} here: GEBM samples beat their own base in {wins} of {pairs} "
+        f"(sampler, seed) pairs; the base averages {float(base.mean()):.1f} and the best sampler, "
+        f"{best.split('latent ')[1]}, {means[best]:.1f}. The final KALE estimate (mean of the last 50 "
+        f"iterations) is {_fmt(kale_final, 3)} nats. The energy moves mass along the generator's curve "
+        "toward the dense stretches; it cannot fix the curve's shape, which is the generator's job, and "
+        "KALE's adversarial training leaves the generator's quality varying from seed to seed "
+        "(figure `gebm_toy_samples.png`, seed "
+        f"{seeds[0]}).",
         "",
         "**Overdamped versus kinetic.** GEBM latent posteriors with four modes (identity generator, "
         f"2-D latent, energies in `gebm_toy.py`); {chains} chains × {steps} steps per sampler and seed, "
@@ -292,6 +297,7 @@ def _hopping_figure(traces, settings, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     names = list(settings)
     fig, axes = plt.subplots(len(names), 2, figsize=(9, 2.6 * len(names)), squeeze=False)
@@ -299,11 +305,10 @@ def _hopping_figure(traces, settings, path):
         for j, sampler in enumerate(("ULA", "underdamped Langevin")):
             z = traces[(setting, sampler)]
             ax = axes[i, j]
-            for chain in z:
-                ax.plot(torch.atan2(chain[:, 1], chain[:, 0]).numpy(), lw=0.6)
-            ax.set_ylim(-math.pi, math.pi)
+            for chain in z:  # the angle unwrapped: a change of 2π/4 is one mode over
+                ax.plot(np.unwrap(torch.atan2(chain[:, 1], chain[:, 0]).numpy()) / (2 * math.pi / 4), lw=0.6)
             ax.set_title(f"{sampler}: {setting}", fontsize=8)
-            ax.set_ylabel("angle of z", fontsize=8)
+            ax.set_ylabel("angle of z / (2π/4)", fontsize=8)
             ax.set_xlabel("step", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

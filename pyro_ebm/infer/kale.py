@@ -72,7 +72,7 @@ class KALE:
     :type generator_optim: pyro.optim.PyroOptim or None
     :param int critic_steps: critic updates per generator update.
     :param int warmup_critic_steps: critic updates before the first generator
-        update.
+        update (0: ``critic_steps``, as for every later one).
     :param float penalty: weight :math:`\lambda \ge 0` of the gradient penalty.
     :param energy_floor: the floor :math:`E_\text{floor}` of the energy in the
         objectives, or ``None`` for none.
@@ -141,9 +141,10 @@ class KALE:
         x = self._check_data(x)
         if self.c is None:
             self._init_c()
-        updates = self.warmup_critic_steps if self.num_steps == 0 else self.critic_steps
+        warmup = self.num_steps == 0 and self.warmup_critic_steps > 0
+        updates = self.warmup_critic_steps if warmup else self.critic_steps
         out = {}
-        for k in range(max(updates, 1)):
+        for k in range(updates):
             out = self._critic_update(x, k)
         out["generator_loss"] = self._generator_update(x)
         self.num_steps += 1
