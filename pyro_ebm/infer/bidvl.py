@@ -17,7 +17,7 @@ from pyro.poutine.util import site_is_subsample
 from ..energy import check_finite, check_guide_sites, require_reparameterized
 from ..guides import GuideView
 from ..metrics import auroc
-from .bism import apply_grads, check_loss
+from .bism import apply_grads, check_loss, guide_parameters
 from .score_matching import energy_view
 from .unroll import UnrolledAdam, check_unrollable, functional, trainable_parameters
 
@@ -162,7 +162,7 @@ class BiDVL:
     encoder is frozen for that term (its gradient reaches :math:`\psi` only),
     :math:`\phi` thus learns from the ELBO alone, and :math:`\lambda` is
     ``vae_weight``. The entropy term is constant for a fixed-scale Gaussian
-    decoder; it is dropped for a distribution without ``.entropy()`` and with
+    decoder; it is dropped for a distribution without ``.entropy()`` or with
     ``decoder_sample="mean"``.
 
     **Drawing** :math:`\hat v`: the decoder model ``decoder_model(x, *args)`` is
@@ -258,6 +258,9 @@ class BiDVL:
         self.num_samples, self.obs_site = num_samples, obs_site
         self.view = energy_view(energy_model)
         self.guide_view = GuideView(encoder_guide)
+        # a guide that describes itself and owns its parameters is evaluated
+        # directly (no Pyro run): its parameters are then taken from the module
+        self._own_params = guide_parameters(encoder_guide) if self.guide_view.direct else None
         self.elbo = Trace_ELBO()
         self.num_steps = 0
         #: the decoder draws :math:`\hat v` of the last upper-level step (detached)
@@ -352,10 +355,14 @@ class BiDVL:
             entropy = like.new_zeros(())
         return fn.rsample(), h, entropy
 
-    def energy(self, v, *args, params=None, **kwargs):
+    def energy(self, v, *args, **kwargs):
         """Per-item energy :math:`E_\\theta(v) = -\\log \\tilde p_\\theta(v)`, shape
-        ``(len(v),)``, differentiable in ``v`` and :math:`\\theta` (whose tensors are
-        added to the set ``params`` when given)."""
+        ``(len(v),)``, differentiable in ``v`` and :math:`\\theta`; :math:`-E` is the
+        out-of-distribution score."""
+        return self._energy(v, args, kwargs)
+
+    def _energy(self, v, args, kwargs, params=None):
+        """:meth:`energy`, adding the energy's parameter tensors to the set ``params``."""
         with poutine.trace(param_only=True) as tracer:
             e = -self.view.log_density(v, *args, per_item=True, **kwargs)
         if params is not None:
@@ -363,16 +370,18 @@ class BiDVL:
         return e
 
     def _latent_term(self, v_hat, h_hat, args, kwargs, weights=None, params=None):
-        with poutine.trace(param_only=True) as tracer:
-            if self.guide_view.direct:  # the guide's own distributions, no Pyro run
-                with self.guide_view.using(weights):
-                    qs = self.guide_view.conditionals(v_hat, *args, **kwargs)
-            else:
-                guide = functional(self.encoder_guide, weights)
-                trace = poutine.trace(guide).get_trace(v_hat, *args, **kwargs)
-                qs = {name: trace.nodes[name]["fn"] for name in h_hat}
-        if params is not None:
-            _param_tensors(tracer.trace, params)
+        if self._own_params is not None:
+            with self.guide_view.using(weights):
+                qs = self.guide_view.conditionals(v_hat, *args, **kwargs)
+            if params is not None:
+                params.update(self._own_params)
+        else:
+            guide = functional(self.encoder_guide, weights)
+            with poutine.trace() as tracer:
+                guide(v_hat, *args, **kwargs)
+            qs = {name: tracer.trace.nodes[name]["fn"] for name in h_hat}
+            if params is not None:
+                _param_tensors(tracer.trace, params)
         n = v_hat.shape[0]
         total = 0.0
         for name, h in h_hat.items():
@@ -451,11 +460,11 @@ class BiDVL:
         check_finite("decoder draws v̂", v_hat.detach())
         self.last_samples = v_hat.detach()
         if args or kwargs:  # per-item arguments: one run per batch
-            e_data = self.energy(v, *args, params=params, **kwargs)
-            e_sample = self.energy(v_hat, *args, params=params, **kwargs)
+            e_data = self._energy(v, args, kwargs, params)
+            e_sample = self._energy(v_hat, args, kwargs, params)
         else:  # one run over data and draws together
-            e_data, e_sample = self.energy(torch.cat([v, v_hat.to(v.dtype)]), params=params).split(
-                [v.shape[0], v_hat.shape[0]])
+            both = self._energy(torch.cat([v, v_hat.to(v.dtype)]), (), {}, params)
+            e_data, e_sample = both.split([v.shape[0], v_hat.shape[0]])
         return e_data.mean() - e_sample.mean(), e_data, e_sample
 
     # -- public ------------------------------------------------------------

@@ -181,9 +181,13 @@ def test_ood_auroc_against_uniform_noise_after_training():
     torch.manual_seed(3)
     noise = torch.rand(len(x_test), 64)
     err0 = float(bidvl.reconstruction_error(x_test).mean())
+    enc0 = {k: p.detach().clone() for k, p in bidvl.encoder_guide.named_parameters()}
     for v in datasets.batches(x, 100, epochs=6):
         out = bidvl.step(v)
     assert all(math.isfinite(val) for val in out.values())
+    # every level trains: the encoder (from the ELBO) as well as the decoder and the energy
+    for k, p in bidvl.encoder_guide.named_parameters():
+        assert (p.detach() - enc0[k]).abs().max() > 1e-4, k
     auc = bidvl.ood_auroc(x_test, noise)
     assert auc > 0.95, auc
     # encode-then-decode improves on the untrained pair
