@@ -427,24 +427,26 @@ class LatentPotential:
                 "continuous latents (sum them out in the model, or use Gibbs / CD)"
             )
         self.structure = st
-        self.sites = []
+        self.sites = []  # (SiteInfo, transform, unconstrained shape, slice of z)
+        self._identity = []  # real-support sites need no transform or log-det
         offset = 0
         for info in st.latents.values():
             transform = biject_to(info.support)
             ushape = transform.inverse_shape(info.shape)
             size = math.prod(ushape)
             self.sites.append((info, transform, ushape, slice(offset, offset + size)))
+            self._identity.append(_is_identity(transform))
             offset += size
         self.dim = offset
 
     def unpack(self, z, with_log_det=False):
         chains = z.shape[0]
         values, log_det = {}, 0.0
-        for info, transform, ushape, sl in self.sites:
+        for (info, transform, ushape, sl), identity in zip(self.sites, self._identity):
             u = z[:, sl].reshape((chains,) + tuple(ushape))
-            x = transform(u)
+            x = u if identity else transform(u)
             values[info.name] = x
-            if with_log_det:
+            if with_log_det and not identity:
                 ld = transform.log_abs_det_jacobian(u, x)
                 log_det = log_det + ld.reshape(chains, -1).sum(-1)
         return (values, log_det) if with_log_det else values
@@ -471,7 +473,7 @@ class LatentPotential:
         with pyro.validation_enabled(False), torch.no_grad():
             trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
         values = {}
-        for info, _, _, _ in self.sites:
+        for info, *_ in self.sites:
             x = trace.nodes[info.name]["value"]
             values[info.name] = x.expand((num_chains,) + (1,) * (total - 1 - info.batch_ndim) + info.shape
                                          ).reshape((num_chains,) + info.shape)
@@ -493,6 +495,12 @@ def _pad_chain_value(value, info, nesting):
         return value
     pad = nesting - info.batch_ndim
     return value.reshape(value.shape[:1] + (1,) * pad + info.shape)
+
+
+def _is_identity(transform):
+    while isinstance(transform, torch.distributions.transforms.IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, torch.distributions.transforms.ComposeTransform) and not transform.parts
 
 
 def _with_chain_plate(model, size, dim):
