@@ -268,7 +268,7 @@ def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = tuple(seeds)[:1] if quick else tuple(seeds)
-    iterations = 12 if quick else ITERATIONS
+    iterations = 5 if quick else ITERATIONS
     x_train, y_train = datasets.digits("train", with_labels=True)
     x_test = datasets.digits("test")
     if quick:

@@ -193,7 +193,7 @@ def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = tuple(seeds)[:1] if quick else tuple(seeds)
-    iterations = 10 if quick else ITERATIONS
+    iterations = 5 if quick else ITERATIONS
     n = 300 if quick else 1000
     x_test = datasets.toy("8gaussians", n, seed=10_000)
     threads = torch.get_num_threads()

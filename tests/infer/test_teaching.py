@@ -108,6 +108,23 @@ def test_ebm_step_is_the_contrastive_gradient_on_ebm_params_only():
     assert {store.param_name(p) for p in ebm_optim.optim_objs} == {"mu"}
 
 
+def test_energy_penalty_gradient():
+    pyro.set_rng_seed(5)
+    x = torch.randn(32, D, dtype=torch.float64) + 1.0
+    alpha = 0.3
+    teaching = make_teaching(energy_penalty=alpha)
+    teaching.step(x)
+    mu = params("mu")["mu"].requires_grad_(True)
+    teaching.step(x)
+    x_rev = teaching.last_revised
+    e = lambda v: 0.5 * (v - mu).pow(2).sum(-1)  # noqa: E731
+    objective = e(x).mean() - e(x_rev).mean() + alpha * (e(x).pow(2).mean() + e(x_rev).pow(2).mean())
+    (grad,) = torch.autograd.grad(objective, mu)
+    torch.testing.assert_close(params("mu")["mu"], mu.detach() - 0.1 * grad, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="energy_penalty"):
+        make_teaching(energy_penalty=-1.0)
+
+
 def test_decoder_mean_and_revision_lower_energy_on_fixed_ebm():
     pyro.clear_param_store()
     pyro.set_rng_seed(3)
