@@ -149,7 +149,7 @@ def mode_hopping(out_dir, quick, seeds):
     sizes by one accuracy rule: ULA h = 0.1 s^2 (stationary variance of a
     Gaussian of width s off by 5 %), underdamped h = s / 2 (a quarter of its
     stability limit 2 s; BAOAB's position marginal is exact on a Gaussian)."""
-    chains, steps = (8, 60) if quick else (64, 2000)
+    chains, steps = (8, 40) if quick else (64, 2000)
     settings = {
         "4 thin modes on a ring (s = 0.1, barrier 3 nats)": (RingModes(), 0.1, 2.0 * math.sin(math.pi / 8)),
         "4 round modes (s = 0.5, barrier 5.4 nats)": (GaussianModes(), 0.5, 1.0),
@@ -242,18 +242,20 @@ def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
         lines.append(f"| {setting} | {name} | {_fmt(visited, 2)} | {_fmt(rhat, 2)} |")
     by = {(s, n): (sum(v) / len(v), sum(r) / len(r)) for s, n, v, r in hop_table}
     settings = list(dict.fromkeys(s for s, *_ in hop_table))
-    parts, held = [], []
+    parts = []
     for s in settings:
         (v_ula, r_ula), (v_kin, r_kin) = by[(s, "ULA")], by[(s, "underdamped Langevin")]
-        parts.append(f"on {s.split(' (')[0]}, ULA chains visit {v_ula:.2f} modes (R-hat {r_ula:.2f}) and "
-                     f"underdamped Langevin chains {v_kin:.2f} (R-hat {r_kin:.2f})")
-        held.append(v_kin > v_ula and r_kin < r_ula)
-    verdict = ("holds on both posteriors" if all(held) else "holds on neither posterior" if not any(held)
-               else "holds on " + " but not on ".join(
-                   s.split(" (")[0] for s in sorted(settings, key=lambda s: not held[settings.index(s)])))
+        if v_kin >= 1.5 * v_ula and r_kin < r_ula:
+            how = "holds clearly"
+        elif v_kin > v_ula:
+            how = "holds only marginally"
+        else:
+            how = "does not hold"
+        parts.append(f"it {how} on {s.split(' (')[0]} (ULA chains visit {v_ula:.2f} modes, R-hat "
+                     f"{r_ula:.2f}; underdamped Langevin chains {v_kin:.2f}, R-hat {r_kin:.2f})")
     lines += [
         "",
-        f"Verdict: the claim {verdict}: " + "; ".join(parts) + ". The kinetic sampler's stable step "
+        "Verdict: " + "; ".join(parts) + ". The kinetic sampler's stable step "
         "scales with the modes' width s and ULA's with s², so where modes are thin across and the "
         "path between them is long, kinetic chains travel much further in the same budget; where an "
         "energy barrier between round modes dominates, both wait for rare crossings whose rate per "
