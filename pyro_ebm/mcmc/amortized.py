@@ -173,4 +173,5 @@ class AmortizedLangevin:
                 f"the energy model has latent site(s) {sorted(st.latents)}; Langevin revision "
                 "needs a model of the data alone (marginalize the latents, e.g. a free energy)"
             )
-        self._view.check_model(x.detach(), *args, **kwargs)
+        with torch.enable_grad():  # the check differentiates, also when called under no_grad
+            self._view.check_model(x.detach(), *args, **kwargs)

@@ -124,3 +124,12 @@ def test_bad_initial_points():
     match = r"initial points contains 1 non-finite value\(s\): NaN at index \(2, 1\)"
     with pytest.raises(ValueError, match=match):
         AmortizedLangevin(lambda n: bad, ebm, mcmc.ULA(0.1), 3).sample(4)
+
+
+def test_energy_is_per_item_and_usable_under_no_grad():
+    sampler = AmortizedLangevin(lambda n: torch.zeros(n, 2), quadratic_ebm(torch.tensor([1.0, 0.0])),
+                                mcmc.ULA(0.1), 2)
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [1.0, -1.0]])
+    with torch.no_grad():  # a shape seen for the first time is validated even here
+        e = sampler.energy(x)
+    torch.testing.assert_close(e, torch.tensor([0.0, 2.0, 0.5]))
