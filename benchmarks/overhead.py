@@ -66,7 +66,8 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 100, median of {args.repeats}")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, batch 100, median of {args.repeats}")
     print(f"{'size':14s} {'pyro_ebm (us)':>14s} {'by hand (us)':>13s} {'ratio':>6s} {'target':>7s}")
     for label, visible, hidden, target in (("toy 2x4", 2, 4, 3.0), ("digits 64x16", 64, 16, 1.5)):
         v = torch.rand(100, visible)

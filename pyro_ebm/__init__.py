@@ -6,7 +6,10 @@ import importlib
 from .energy import EnergyView
 
 __version__ = "0.1.0"
-__all__ = ["EnergyView", "datasets", "diagnostics", "energy", "features", "guides", "infer", "mcmc", "metrics", "models"]
+__all__ = [
+    "EnergyView", "datasets", "diagnostics", "energy", "features",
+    "guides", "infer", "mcmc", "metrics", "models",
+]
 
 
 def __getattr__(name):

@@ -4,10 +4,9 @@ their exact test log-likelihoods, and the learned densities as PNGs."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
-
-import math
 
 import pyro
 import pyro.distributions as dist
@@ -168,7 +167,8 @@ def gebm_section(out: Path, quick: bool, seed: int = 0):
                          ("GEBM, latent underdamped", mcmc.UnderdampedLangevin(0.1, friction=1.0))):
         x = gebm.sample(len(test), kernel, num_steps=20 if quick else 200)
         rows.append((name, float(metrics.mmd(x, test, bandwidths=bw))))
-    lines = [f"GEBM(MLP 1->2, MLP 2->1) by KALE, {iterations} iterations (KALE estimate {losses['kale']:.3f})",
+    lines = [f"GEBM(MLP 1->2, MLP 2->1) by KALE, {iterations} iterations "
+             f"(KALE estimate {losses['kale']:.3f})",
              f"{'samples':26s} {'MMD² to held-out x 1e3':>22s}"]
     lines += [f"{n:26s} {1e3 * m:22.2f}" for n, m in rows]
     return lines

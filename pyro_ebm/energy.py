@@ -195,8 +195,7 @@ def log_density(fn, values, args=(), kwargs=None, keep_dims=(), total_dims=0, st
     for term in handler.terms[1:]:
         total = total + term
     drop = tuple(d for d in range(-total_dims, 0) if d not in keep_dims)
-    if drop:
-        total = total.reshape(total.shape[: total.dim() - total_dims] + (1,) * max(0, total_dims - total.dim()) + total.shape) if total.dim() < total_dims else total
+    if drop:  # every term was padded to total_dims batch dims by the handler
         total = total.squeeze(drop)
     return total
 
@@ -442,7 +441,7 @@ class LatentPotential:
     def unpack(self, z, with_log_det=False):
         chains = z.shape[0]
         values, log_det = {}, 0.0
-        for (info, transform, ushape, sl), identity in zip(self.sites, self._identity):
+        for (info, transform, ushape, sl), identity in zip(self.sites, self._identity, strict=True):
             u = z[:, sl].reshape((chains,) + tuple(ushape))
             x = u if identity else transform(u)
             values[info.name] = x

@@ -30,7 +30,7 @@ def _grid_figure(panels, data, path):
     axes = axes.flatten()
     axes[0].scatter(data[:3000, 0], data[:3000, 1], s=0.5)
     axes[0].set_title("data", fontsize=9)
-    for ax, (name, grbm, ll) in zip(axes[1:], panels):
+    for ax, (name, grbm, ll) in zip(axes[1:], panels, strict=False):
         with torch.no_grad():
             dens = grbm.log_likelihood(pts.to(data.dtype)).exp().reshape(100, 100)
         ax.imshow(dens.numpy(), origin="lower", extent=(-0.25, 1.25, -0.25, 1.25))

@@ -43,7 +43,7 @@ def hutchinson_trace(s, x, num_projections=1, noise="rademacher"):
     :math:`\\frac1M\\sum_m u_m^\\top \\nabla_x (s(x)^\\top u_m)` with Rademacher
     (or Gaussian) ``u``. ``s`` must be built from ``x`` with a graph."""
     total = 0.0
-    for m in range(num_projections):
+    for _ in range(num_projections):
         u = torch.randn_like(s) if noise == "gaussian" else torch.randint_like(s, 2) * 2 - 1
         (g,) = torch.autograd.grad((s * u).sum(), x, create_graph=True, retain_graph=True)
         total = total + _flat(g * u).sum(-1)

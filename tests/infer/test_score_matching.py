@@ -135,7 +135,8 @@ def test_mdsm_minimizer_closed_form():
 
 def test_noise_grid_is_geometric():
     g = noise_grid(5, 0.01, 1.0, torch.zeros(5, 2)).flatten()
-    assert g.shape == (5,) and torch.allclose(g[0], torch.tensor(1.0)) and torch.allclose(g[-1], torch.tensor(0.01))
+    assert g.shape == (5,)
+    assert torch.allclose(g[0], torch.tensor(1.0)) and torch.allclose(g[-1], torch.tensor(0.01))
     ratios = g[1:] / g[:-1]
     assert torch.allclose(ratios, ratios[0].expand(4))
 
