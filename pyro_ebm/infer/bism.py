@@ -139,6 +139,27 @@ def check_losses(algorithm, step, named_losses):
     return values
 
 
+def check_model_and_guide(algo, v, args, kwargs, lower=None, why="the guide"):
+    """Validate data, model and guide once per batch shape for an algorithm that
+    holds ``view``, ``guide_view`` and a ``_checked`` set: finite batched data,
+    the guide's sites equal to the model's latent sites (and fit for the
+    ``lower`` level, when given), and a model energy that depends on the data."""
+    key = (tuple(v.shape), v.dtype, v.device.type, len(args))
+    if key in algo._checked:
+        return False
+    algo.view._check_data(v)
+    guide_sites = algo.guide_view.sites(v, *args, **kwargs)
+    model_latents = algo.view.structure(v, *args, **kwargs).latents
+    if lower is None:
+        check_guide_sites(model_latents, guide_sites)
+    else:
+        check_lower(lower, model_latents, guide_sites, why)
+    values = {k: x.detach() for k, x in algo.guide_view.sample(v.detach(), *args, **kwargs).items()}
+    algo.view.check_model(v, *args, values=values, **kwargs)
+    algo._checked.add(key)
+    return True
+
+
 class BiSM:
     r"""Bi-level score matching: learns an EBLVM :math:`p_\theta(v, h) \propto
     \exp(-E_\theta(v, h))` by score matching on its marginal, with the intractable
@@ -243,16 +264,7 @@ class BiSM:
     # -- validation --------------------------------------------------------
 
     def _check(self, v, args, kwargs):
-        key = (tuple(v.shape), v.dtype, v.device.type, len(args))
-        if key in self._checked:
-            return
-        self.view._check_data(v)
-        guide_sites = self.guide_view.sites(v, *args, **kwargs)
-        model_latents = self.view.structure(v, *args, **kwargs).latents
-        check_lower(self.lower, model_latents, guide_sites, f"{self.algorithm}'s guide")
-        values = {k: x.detach() for k, x in self.guide_view.sample(v.detach(), *args, **kwargs).items()}
-        self.view.check_model(v, *args, values=values, **kwargs)
-        self._checked.add(key)
+        check_model_and_guide(self, v, args, kwargs, lower=self.lower, why=f"{self.algorithm}'s guide")
 
     # -- the two levels ----------------------------------------------------
 

@@ -12,7 +12,7 @@ import torch
 
 from ..energy import check_finite, check_guide_sites
 from ..guides import GuideView
-from .bism import LOWER, _collect_params, apply_grads, check_losses, check_lower, inner_steps
+from .bism import LOWER, _collect_params, apply_grads, check_losses, check_model_and_guide, inner_steps
 from .score_matching import DSM, MDSM, energy_view, exact_trace, hutchinson_trace
 
 __all__ = ["VaGES", "fisher_divergence", "ksd_halves", "vaes_score"]
@@ -210,22 +210,11 @@ class VaGES:
         self._checked = set()
 
     def _check(self, v, args, kwargs):
-        key = (tuple(v.shape), v.dtype, v.device.type, len(args))
-        if key in self._checked:
-            return
-        self.view._check_data(v)
-        guide_sites = self.guide_view.sites(v, *args, **kwargs)
-        model_latents = self.view.structure(v, *args, **kwargs).latents
-        if self.inner_steps:
-            check_lower(self.lower, model_latents, guide_sites,
-                        f"{self.algorithm}'s lower level (inner_steps > 0)")
-        else:
-            check_guide_sites(model_latents, guide_sites)
         if self.objective is None and v.shape[0] < 2:
             raise ValueError(f"the KSD objective needs a batch of at least 2 items, got {v.shape[0]}")
-        values = {k: x.detach() for k, x in self.guide_view.sample(v.detach(), *args, **kwargs).items()}
-        self.view.check_model(v, *args, values=values, **kwargs)
-        self._checked.add(key)
+        lower = self.lower if self.inner_steps else None
+        check_model_and_guide(self, v, args, kwargs, lower=lower,
+                              why=f"{self.algorithm}'s lower level (inner_steps > 0)")
 
     def _lower_data(self, v):
         v = v.detach()
