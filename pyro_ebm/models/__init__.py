@@ -3,7 +3,7 @@
 
 import importlib
 
-_WHERE = {"GaussianRBM": "grbm", "GEBM": "gebm"}
+_WHERE = {"GaussianRBM": "grbm", "GEBM": "gebm", "DeepEBLVM": "deep"}
 __all__ = sorted(_WHERE)
 
 
