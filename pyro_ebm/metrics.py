@@ -7,6 +7,8 @@ the dtype of its inputs.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -36,10 +38,12 @@ def frechet_distance(features_a, features_b) -> float:
         raise ValueError("frechet_distance needs at least two rows in each feature set")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():  # singular product: regularize slightly
-        eps = 1e-6 * np.eye(a.shape[1])
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(covmean).all():  # singular product: regularize slightly
+            eps = 1e-6 * np.eye(a.shape[1])
+            covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
     covmean = np.real(covmean)
     value = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * covmean)
     return float(max(value, 0.0))

@@ -136,3 +136,22 @@ def test_mmd_errors():
         metrics.mmd(torch.zeros(3, 2), torch.ones(3, 2), bandwidths=[0.0])
     with pytest.raises(ValueError, match="two samples"):
         metrics.mmd(torch.zeros(1, 2), torch.ones(3, 2))
+
+
+def test_frechet_distance_closed_form_and_singular_features():
+    import warnings
+
+    import numpy as np
+
+    from pyro_ebm.metrics import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    b = 2.0 * rng.normal(size=(4000, 3)) + 1.0
+    # N(0, I) vs N(1, 4I): ‖Δμ‖² + tr(I + 4I − 2·2I) = 3 + 3
+    assert abs(frechet_distance(a, b) - 6.0) < 0.3
+    singular = np.concatenate([a[:, :2], np.zeros((4000, 1))], 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = frechet_distance(singular, singular)
+    assert abs(value) < 1e-3
