@@ -12,14 +12,6 @@ from pyro_ebm.guides import AmortizedBernoulli, AmortizedNormal, ConcreteBernoul
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_concrete_bernoulli_draws_and_log_prob():
     torch.manual_seed(0)
     logits = torch.tensor([-2.0, 0.0, 1.5], dtype=D64, requires_grad=True)

@@ -139,6 +139,19 @@ def check_losses(algorithm, step, named_losses):
     return values
 
 
+def loss_and_grads_by_name(loss_fn):
+    """Evaluate ``loss_fn(params)`` (which adds the parameters it touches to the set
+    ``params``) and return the loss as a float and its gradients by param-store name."""
+    with torch.enable_grad():
+        params = set()
+        loss = loss_fn(params)
+        params = list(params)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    store = pyro.get_param_store()
+    return float(loss.detach()), {store.param_name(p): g for p, g in zip(params, grads, strict=True)
+                                  if g is not None}
+
+
 def check_model_and_guide(algo, v, args, kwargs, lower=None, why="the guide"):
     """Validate data, model and guide once per batch shape for an algorithm that
     holds ``view``, ``guide_view`` and a ``_checked`` set: finite batched data,
@@ -326,14 +339,7 @@ class BiSM:
         the current parameters; nothing is updated and no lower-level step is taken."""
         v, rest = args[0], args[1:]
         self._check(v, rest, kwargs)
-        with torch.enable_grad():
-            params = set()
-            loss = self._upper_loss(v, rest, kwargs, params)
-            params = list(params)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        store = pyro.get_param_store()
-        return float(loss.detach()), {store.param_name(p): g for p, g in zip(params, grads, strict=True)
-                                      if g is not None}
+        return loss_and_grads_by_name(lambda params: self._upper_loss(v, rest, kwargs, params))
 
     def step(self, *args, **kwargs) -> float:
         """One bi-level step on the batch ``args[0]``; returns the upper loss.

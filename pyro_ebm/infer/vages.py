@@ -12,7 +12,15 @@ import torch
 
 from ..energy import check_finite, check_guide_sites
 from ..guides import GuideView
-from .bism import LOWER, _collect_params, apply_grads, check_losses, check_model_and_guide, inner_steps
+from .bism import (
+    LOWER,
+    _collect_params,
+    apply_grads,
+    check_losses,
+    check_model_and_guide,
+    inner_steps,
+    loss_and_grads_by_name,
+)
 from .score_matching import DSM, MDSM, energy_view, exact_trace, hutchinson_trace
 
 __all__ = ["VaGES", "fisher_divergence", "ksd_halves", "vaes_score"]
@@ -279,14 +287,7 @@ class VaGES:
         current parameters; nothing is updated."""
         v, rest = args[0], args[1:]
         self._check(v, rest, kwargs)
-        with torch.enable_grad():
-            params = set()
-            loss = self._loss(v, rest, kwargs, params)
-            params = list(params)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        store = pyro.get_param_store()
-        return float(loss.detach()), {store.param_name(p): g for p, g in zip(params, grads, strict=True)
-                                      if g is not None}
+        return loss_and_grads_by_name(lambda params: self._loss(v, rest, kwargs, params))
 
     def evaluate_loss(self, *args, **kwargs) -> float:
         """The objective evaluated with the VaES of the current guide (no update)."""

@@ -19,14 +19,6 @@ D64 = torch.float64
 D, Z = 3, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- tiny Pyro callables with closed-form pieces ------------------------------
 
 

@@ -15,15 +15,6 @@ from pyro_ebm.models import GaussianRBM
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: threads only add contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class GaussianLatentModel(PyroModule):
     """h ~ N(0, 1), p̃(v | h) = exp(-prec/2 (v - a h)^2): 1-D visible, 1-D latent.
     Marginal v ~ N(0, a^2 + 1/prec); posterior h | v Gaussian."""

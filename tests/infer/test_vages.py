@@ -17,14 +17,6 @@ from pyro_ebm.models import GaussianRBM
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_grbm(visible, hidden, seed, scale=1.0, name=""):
     torch.manual_seed(seed)
     grbm = GaussianRBM(visible, hidden, init_scale=scale, name=name).double()
