@@ -5,6 +5,7 @@ their exact test log-likelihoods, and the learned densities as PNGs."""
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def grbm_section(out: Path, quick: bool, seed: int = 0):
 
 
 def _slug(name):
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def _plot_density(grbm, data, path, title):
