@@ -172,15 +172,17 @@ def test_cached_view_does_not_keep_its_model_alive():
     import gc
     import weakref
 
-    from pyro_ebm.infer.score_matching import _VIEWS, energy_view
+    from pyro_ebm.infer.score_matching import _METHOD_VIEWS, _VIEWS, energy_view
     from pyro_ebm.models import GaussianRBM
 
     grbm = GaussianRBM(2, 3)
     view = energy_view(grbm.marginal)
+    assert energy_view(grbm.marginal) is view  # a new bound-method object, the same view
     assert energy_view(grbm) is energy_view(grbm)
     assert view.log_density(torch.rand(4, 2)).shape == ()
     ref = weakref.ref(grbm)
-    before = len(_VIEWS)
+    before = (len(_VIEWS), len(_METHOD_VIEWS))
     del grbm, view
     gc.collect()
-    assert ref() is None and len(_VIEWS) < before
+    assert ref() is None
+    assert len(_VIEWS) < before[0] and len(_METHOD_VIEWS) < before[1]

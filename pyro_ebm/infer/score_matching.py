@@ -11,6 +11,7 @@ estimated scores in there. The score is :math:`s(v) = \\nabla_v \\log \\tilde p(
 
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
 
@@ -21,10 +22,25 @@ from ..energy import EnergyView
 __all__ = ["DSM", "MDSM", "SSM", "ExactSM", "ScoreObjective", "energy_view", "hutchinson_trace", "noise_grid"]
 
 _VIEWS = weakref.WeakKeyDictionary()
+_METHOD_VIEWS = weakref.WeakKeyDictionary()  # owner -> {function: view}
 
 
 def energy_view(model) -> EnergyView:
-    """The one cached :class:`~pyro_ebm.energy.EnergyView` of ``model``."""
+    """The one cached :class:`~pyro_ebm.energy.EnergyView` of ``model``.
+
+    A bound method (e.g. ``grbm.marginal``, a new object at every attribute access)
+    is keyed by its owner and function, so every access finds the same view. The
+    cache holds models weakly: it never keeps one alive.
+    """
+    if inspect.ismethod(model):
+        try:
+            per_owner = _METHOD_VIEWS.setdefault(model.__self__, {})
+        except TypeError:  # owner not weak-referenceable
+            return EnergyView(model)
+        view = per_owner.get(model.__func__)
+        if view is None:
+            view = per_owner[model.__func__] = EnergyView(model, weak=True)
+        return view
     try:
         view = _VIEWS.get(model)
     except TypeError:  # not weak-referenceable
