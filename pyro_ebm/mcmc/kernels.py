@@ -83,6 +83,15 @@ def _sq_norm(x):
     return x.pow(2).flatten(1).sum(-1)
 
 
+def _metropolis(log_ratio, like):
+    """Per-chain Metropolis test on ``log_ratio`` (a non-finite ratio rejects):
+    returns the acceptance probability, the ``(C,)`` accept mask and that mask
+    shaped to broadcast against ``like``."""
+    accept_prob = torch.where(torch.isfinite(log_ratio), log_ratio, -math.inf).clamp(max=0).exp()
+    accept = torch.rand_like(accept_prob) < accept_prob
+    return accept_prob, accept, _column(accept, like)
+
+
 def _check_positive(name, value):
     if torch.is_tensor(value):
         if value.dim() > 1 or not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
@@ -275,10 +284,8 @@ class MALA(_Kernel):
         log_rev = _sq_norm(torch.addcmul(x - proposal, h, g_new)) / (4 * state.step_size)
         log_ratio = torch.add(u - u_new, _sq_norm(noise), alpha=0.5) - log_rev
         # a non-finite U(x') or ∇U(x') makes log_ratio non-finite
-        ok = torch.isfinite(log_ratio)
-        accept_prob = torch.where(ok, log_ratio, -math.inf).clamp(max=0).exp()
-        accept = torch.rand_like(accept_prob) < accept_prob
-        keep = _column(accept, x)
+        ok = torch.isfinite(log_ratio)  # a non-finite U(x') or ∇U(x') is a divergence
+        accept_prob, accept, keep = _metropolis(log_ratio, x)
         return state._replace(
             position=torch.where(keep, proposal, x),
             potential_energy=torch.where(accept, u_new, u),
@@ -408,9 +415,7 @@ class HMC(_Kernel):
         log_ratio = (u0 + 0.5 * _sq_norm(p0)) - (u + 0.5 * _sq_norm(p))
         finite = torch.isfinite(log_ratio)
         diverging = ~finite | (log_ratio < -self.max_delta_energy)
-        accept_prob = torch.where(finite, log_ratio, -math.inf).clamp(max=0).exp()
-        accept = torch.rand_like(accept_prob) < accept_prob
-        keep = _column(accept, x0)
+        accept_prob, accept, keep = _metropolis(log_ratio, x0)
         return state._replace(
             position=torch.where(keep, x, x0),
             potential_energy=torch.where(accept, u, u0),
