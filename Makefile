@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/pyro-ebm demo
 
+# Tests are hermetic: every cache the library or its dependencies write goes to a
+# fresh folder that is removed afterwards, so a green run never leans on ~/.cache.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	@cache=$$(mktemp -d) && trap 'rm -rf "$$cache"' EXIT && \
+	  XDG_CACHE_HOME="$$cache" MPLCONFIGDIR="$$cache/matplotlib" TORCHINDUCTOR_CACHE_DIR="$$cache/inductor" \
+	  PYRO_EBM_PROGRESS=0 $(BIN)/python -m pytest -q tests
 	$(MAKE) docs
 
 docs: $(STAMP)

@@ -149,7 +149,8 @@ def _train(x, y):
 
 
 def _train_seeded(x, y, r):
-    with torch.random.fork_rng(devices=[]):
+    # enable_grad: the first use may come inside the caller's torch.no_grad()
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(r["seed"])
         net = DigitsClassifier(r["hidden"], r["features"])
         opt = torch.optim.Adam(net.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])

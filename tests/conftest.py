@@ -1,12 +1,26 @@
 # SPDX-License-Identifier: Apache-2.0
 """Shared test setup: one thread (the ops are tiny; threads only contend on 2 cores),
-a clean Pyro param store and a fixed seed for every test."""
+a clean Pyro param store and a fixed seed for every test, and an empty cache
+folder for the whole session (also when pytest runs outside `make test`), so no
+test leans on files an earlier run left in ~/.cache."""
+
+import os
+import shutil
+import tempfile
 
 import pyro
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+_CACHE = tempfile.mkdtemp(prefix="pyro_ebm_test_cache_")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+os.environ.setdefault("MPLCONFIGDIR", os.path.join(_CACHE, "matplotlib"))
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

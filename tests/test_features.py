@@ -95,3 +95,17 @@ def test_frechet_distance_on_features_ranks_sample_quality():
 def test_bad_digits_are_rejected(bad, error, match):
     with pytest.raises(error, match=match):
         features.digits_features(bad)
+
+
+def test_first_use_inside_no_grad_trains(fresh_cache):
+    """The first use may come inside the caller's ``torch.no_grad()`` (a metric
+    computed on samples) with an empty cache: training still runs."""
+    assert not list(fresh_cache.glob("*.pt"))
+    with torch.no_grad():
+        feats = features.digits_features(datasets.digits("test")[:5].float())
+    assert feats.shape == (5, 64) and torch.isfinite(feats).all()
+    assert len(list(fresh_cache.glob("digits_classifier_*.pt"))) == 1
+    x, y = datasets.digits("test", with_labels=True)
+    with torch.no_grad():
+        accuracy = (features.digits_classifier()(x.float()).argmax(-1) == y).float().mean().item()
+    assert accuracy > 0.95, accuracy
