@@ -43,6 +43,7 @@ __all__ = [
     "EnergyView",
     "LatentPotential",
     "SiteInfo",
+    "check_data",
     "check_finite",
     "check_guide_sites",
     "log_density",
@@ -80,6 +81,45 @@ def check_finite(name: str, value: torch.Tensor) -> None:
         f"{name} contains {int(bad.sum())} non-finite value(s): {kind} at index {index} "
         f"(shape {tuple(value.shape)})"
     )
+
+
+def check_data(v, name: str = "data", *, min_dim: int = 2) -> torch.Tensor:
+    """Validate a batch of data and return it: a floating-point ``torch.Tensor``
+    with a non-empty leading batch dimension, finite, and small enough that
+    squared terms of an energy do not overflow its dtype.
+
+    Raises a ``TypeError`` (not a tensor, not floating point) or a ``ValueError``
+    (no batch dim, an empty batch, NaN/Inf with its index, overflow) that names
+    ``name``. One ``isfinite`` reduction and one ``abs().max()`` on the fast path.
+    """
+    if not torch.is_tensor(v):
+        kind = type(v).__name__
+        if hasattr(v, "__array__"):  # numpy.ndarray rather than just ndarray
+            kind = type(v).__module__.split(".")[0] + "." + kind
+        raise TypeError(
+            f"{name} must be a torch.Tensor, got {kind}; convert it first, e.g. "
+            f"torch.as_tensor({name if name.isidentifier() else 'x'}, dtype=torch.float32)"
+        )
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got dtype {v.dtype}; "
+                        f"convert it with .float() (or .to(the model's dtype))")
+    if v.dim() < min_dim:
+        raise ValueError(
+            f"{name} of shape {tuple(v.shape)} has no batch dimension: pass a batch of "
+            f"shape (batch, *event), e.g. v.unsqueeze(0) for one item"
+        )
+    if v.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(v.shape)}): pass at least one item")
+    check_finite(name, v)
+    limit = math.sqrt(torch.finfo(v.dtype).max)
+    peak = v.detach().abs().max()
+    if bool(peak > limit):
+        raise ValueError(
+            f"{name} overflows {v.dtype}: its largest magnitude is {float(peak):.3g}, above "
+            f"{limit:.3g} (the square root of the dtype's largest value), so squared terms of "
+            "an energy become Inf; rescale or standardize the data"
+        )
+    return v
 
 
 def require_reparameterized(sites, why: str) -> None:
@@ -376,16 +416,7 @@ class EnergyView:
         self.score(v, *args, values=values, create_graph=False, **kwargs)
 
     def _check_data(self, v):
-        if not torch.is_tensor(v):
-            raise TypeError(f"data must be a tensor, got {type(v).__name__}")
-        if v.dim() < 2:
-            raise ValueError(
-                f"data of shape {tuple(v.shape)} has no batch dimension: pass a batch of "
-                f"shape (batch, *event), e.g. v.unsqueeze(0) for one item"
-            )
-        if not v.is_floating_point():
-            raise TypeError(f"data must be a floating point tensor, got dtype {v.dtype}")
-        check_finite("data", v)
+        check_data(v, "data")
 
     def _check_per_item(self, st):
         if st.data_dim is None:

@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 import math
+import re
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -186,3 +188,26 @@ def test_cached_view_does_not_keep_its_model_alive():
     gc.collect()
     assert ref() is None
     assert len(_VIEWS) < before[0] and len(_METHOD_VIEWS) < before[1]
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (np.zeros((3, 2)), TypeError, "numpy.ndarray"),
+    ([[0.0, 1.0]], TypeError, "got list"),
+    (torch.zeros(3, 2, dtype=torch.long), TypeError, "torch.int64"),
+    (torch.zeros(3), ValueError, "no batch dimension"),
+    (torch.zeros(0, 2), ValueError, "empty batch"),
+    (torch.tensor([[0.0, float("nan")]]), ValueError, "NaN at index (0, 1)"),
+    (torch.tensor([[0.0, 1e30]]), ValueError, "overflows torch.float32"),
+])
+def test_check_data_names_the_fault(bad, error, words):
+    from pyro_ebm.energy import check_data
+
+    with pytest.raises(error, match=re.escape(words)):
+        check_data(bad)
+
+
+def test_check_data_keeps_large_float64():
+    from pyro_ebm.energy import check_data
+
+    v = torch.tensor([[1e30]], dtype=torch.float64)  # fine in double precision
+    assert check_data(v) is v
