@@ -50,27 +50,33 @@ def frechet_distance(features_a, features_b) -> float:
 
 
 def auroc(in_scores, out_scores) -> float:
-    """Area under the ROC curve for telling in-distribution items (label 1) from
+    r"""Area under the ROC curve for telling in-distribution items (label 1) from
     out-of-distribution items (label 0) by a score that is higher in
-    distribution (e.g. −E). Ties count one half (the Mann–Whitney statistic)."""
-    pos = torch.as_tensor(_numpy(in_scores), dtype=torch.float64).flatten()
-    neg = torch.as_tensor(_numpy(out_scores), dtype=torch.float64).flatten()
-    if pos.numel() == 0 or neg.numel() == 0:
+    distribution (e.g. −E): the probability that a random in-distribution item
+    scores above a random out-of-distribution one, ties counting one half,
+
+    .. math::
+
+        \mathrm{AUROC} = \frac{1}{n_+ n_-}\sum_{i, j}
+            \big(\mathbb 1[s^+_i > s^-_j] + \tfrac12 \mathbb 1[s^+_i = s^-_j]\big),
+
+    computed by ``sklearn.metrics.roc_auc_score``.
+
+    :param in_scores: scores of in-distribution items (tensor or array).
+    :param out_scores: scores of out-of-distribution items.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    pos = _numpy(in_scores).astype(np.float64).ravel()
+    neg = _numpy(out_scores).astype(np.float64).ravel()
+    if pos.size == 0 or neg.size == 0:
         raise ValueError("auroc needs at least one in- and one out-of-distribution score")
-    scores = torch.cat([pos, neg])
-    if not torch.isfinite(scores).all():
-        raise ValueError("auroc scores contain NaN or Inf")
-    # average ranks handle ties
-    order = scores.argsort()
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    uniq, inverse = torch.unique(scores, return_inverse=True)
-    sums = torch.zeros_like(uniq).index_add_(0, inverse, ranks)
-    counts = torch.zeros_like(uniq).index_add_(0, inverse, torch.ones_like(ranks))
-    ranks = (sums / counts)[inverse]
-    n_pos, n_neg = len(pos), len(neg)
-    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
+    for name, scores in (("in_scores", pos), ("out_scores", neg)):
+        if not np.isfinite(scores).all():
+            index = int(np.flatnonzero(~np.isfinite(scores))[0])
+            raise ValueError(f"auroc: {name} contain NaN or Inf (first at index {index})")
+    labels = np.concatenate([np.ones(pos.size), np.zeros(neg.size)])
+    return float(roc_auc_score(labels, np.concatenate([pos, neg])))
 
 
 def fisher_divergence(*args, **kwargs):
@@ -89,8 +95,7 @@ def _numpy(x):
 
 def _sq_dists(a, b):
     """Pairwise squared Euclidean distances of the rows of ``a`` and ``b``."""
-    d = a.pow(2).sum(-1)[:, None] + b.pow(2).sum(-1)[None, :] - 2.0 * (a @ b.T)
-    return d.clamp_min(0.0)
+    return torch.cdist(a, b).pow(2)
 
 
 def _median_distance(x, max_points=1000):

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
-from pyro.distributions.transforms import AffineCoupling
+from pyro.distributions.transforms import AffineCoupling, Permute
 from pyro.nn import DenseNN
 from torch import nn
-from torch.distributions import constraints
-from torch.distributions.transforms import Transform
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 __all__ = ["MLP", "RealNVP"]
@@ -64,28 +62,6 @@ class MLP(nn.Sequential):
         self.in_features, self.out_features = widths[0], widths[-1]
 
 
-class _Reverse(Transform):
-    """Reverses the last dimension (a volume-preserving permutation), so that
-    successive couplings condition on alternating halves."""
-
-    bijective = True
-    sign = 1
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-
-    def __eq__(self, other):
-        return isinstance(other, _Reverse)
-
-    def _call(self, x):
-        return x.flip(-1)
-
-    def _inverse(self, y):
-        return y.flip(-1)
-
-    def log_abs_det_jacobian(self, x, y):
-        return x.new_zeros(x.shape[:-1])
-
-
 class RealNVP(nn.Module):
     r"""A RealNVP normalizing flow :math:`x = T(z)`, :math:`z \sim \mathcal N(0, I)`,
     built from Pyro's :class:`~pyro.distributions.transforms.AffineCoupling`
@@ -128,13 +104,16 @@ class RealNVP(nn.Module):
             couplings.append(AffineCoupling(split, net))
         self.couplings = nn.ModuleList(couplings)
         self.register_buffer("_zero", torch.zeros(()))
+        # reversing the coordinates between couplings (a volume-preserving permutation)
+        # makes successive couplings condition on alternating halves
+        self.register_buffer("_reverse", torch.arange(self.dim - 1, -1, -1))
 
     def transforms(self):
         """The flow's transforms, latent side first."""
         parts = []
         for i, coupling in enumerate(self.couplings):
             if i:
-                parts.append(_Reverse())
+                parts.append(Permute(self._reverse))
             parts.append(coupling)
         return parts
 
