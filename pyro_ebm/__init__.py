@@ -3,8 +3,6 @@
 
 import importlib
 
-from .energy import EnergyView
-
 __version__ = "0.1.0"
 __all__ = [
     "EnergyView", "datasets", "diagnostics", "energy", "features",
@@ -13,6 +11,10 @@ __all__ = [
 
 
 def __getattr__(name):
+    # submodules load on first use, so `import pyro_ebm` (and `pyro-ebm --help`)
+    # does not import torch and Pyro
+    if name == "EnergyView":
+        return importlib.import_module(".energy", __name__).EnergyView
     if name in __all__:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pyro_ebm' has no attribute {name!r}")

@@ -1,22 +1,57 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The ``pyro-ebm`` command: ``demo``, ``reproduce NAME``, ``bench NAME``."""
+"""The ``pyro-ebm`` command: ``demo``, ``reproduce NAME``, ``bench NAME``.
+
+Nothing heavy (torch, Pyro) is imported before the arguments are parsed, so
+``pyro-ebm --help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import runpy
 import sys
 from pathlib import Path
 
+DESCRIPTION = """\
+Energy-based latent variable models in Pyro.
+
+  pyro-ebm demo               train GaussianRBMs by each method, compare them, write figures
+  pyro-ebm reproduce list     list the experiments that reproduce the papers' claims
+  pyro-ebm reproduce NAME     run one of them (results in docs/results.md)
+  pyro-ebm bench list         list the speed benchmarks
+  pyro-ebm bench NAME [ARGS]  run one of them (figures in docs/benchmarks.md)
+"""
+
+# the seeds each experiment runs unless --seeds is given (tests check these against run())
+DEFAULT_SEEDS = "0 1 2 (deep-eblvm-digits: 0)"
+_EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
+# benchmarks/ sits beside the package in a source checkout (editable install)
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _version():
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pyro-ebm")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from . import __version__
+
+        return __version__
+
 
 def experiment_names():
-    """Names accepted by ``pyro-ebm reproduce``."""
-    from . import experiments
-
-    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(experiments.__path__)
+    """Names accepted by ``pyro-ebm reproduce`` (read from the folder, nothing imported)."""
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules([str(_EXPERIMENTS)])
                   if not m.name.startswith("_"))
+
+
+def benchmark_names():
+    """Names accepted by ``pyro-ebm bench``."""
+    return sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.stem.startswith("_"))
 
 
 def reproduce(name, out=None, quick=False, seeds=None):
@@ -37,29 +72,58 @@ def reproduce(name, out=None, quick=False, seeds=None):
 
 
 def bench(name, extra):
-    path = Path("benchmarks") / f"{name}.py"
-    if not path.exists():
-        available = sorted(p.stem for p in Path("benchmarks").glob("*.py"))
-        raise SystemExit(f"pyro-ebm bench: no {path} (run from the repository root); available: {available}")
+    if not BENCHMARKS.is_dir():
+        raise SystemExit(
+            f"pyro-ebm bench: the benchmarks ship with the source repository, not with an installed "
+            f"package; no folder {BENCHMARKS} (install from a checkout with `pip install -e .`)"
+        )
+    names = benchmark_names()
+    if name not in names:
+        raise SystemExit(f"pyro-ebm bench: unknown benchmark {name!r}; choose one of {names}")
+    path = BENCHMARKS / f"{name}.py"
     sys.argv = [str(path), *extra]
     runpy.run_path(str(path), run_name="__main__")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="pyro-ebm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train the demo models and print their scores")
-    demo.add_argument("--out", default="runs/demo", help="folder for the figures")
+def _parser():
+    parser = argparse.ArgumentParser(prog="pyro-ebm", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,reproduce,bench}")
+    no_progress = dict(action="store_true",
+                       help="no progress bars (they are shown only on a terminal anyway; "
+                            "PYRO_EBM_PROGRESS=0 does the same)")
+
+    demo = sub.add_parser("demo", help="train the demo models and print their scores",
+                          description="Train GaussianRBMs on a 2-D toy by each method, print their "
+                                      "test log-likelihoods and write the figures.")
+    demo.add_argument("--out", default="runs/demo", help="folder for the figures (default: %(default)s)")
     demo.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for smoke tests")
-    rep = sub.add_parser("reproduce", help="reproduce a paper's claim (see docs/results.md)")
-    rep.add_argument("name", help="experiment name; `pyro-ebm reproduce list` lists them")
-    rep.add_argument("--out", default=None, help="folder for the report and figures")
+    demo.add_argument("--no-progress", **no_progress)
+
+    rep = sub.add_parser("reproduce", help="reproduce a paper's claim (see docs/results.md)",
+                         description="Run one experiment that reproduces a paper's claim and write its "
+                                     "report (Markdown) and figures.")
+    rep.add_argument("name", help="experiment name, or `list`; one of: " + ", ".join(experiment_names()))
+    rep.add_argument("--out", default=None,
+                     help="folder for the report and figures (default: runs/reproduce/NAME)")
     rep.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
-    rep.add_argument("--seeds", type=int, nargs="+", default=None)
-    ben = sub.add_parser("bench", help="run benchmarks/NAME.py (from the repository root)")
-    ben.add_argument("name")
-    ben.add_argument("extra", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    rep.add_argument("--seeds", type=int, nargs="+", default=None,
+                     help=f"random seeds, one run each (default: {DEFAULT_SEEDS})")
+    rep.add_argument("--no-progress", **no_progress)
+
+    ben = sub.add_parser("bench", help="run a speed benchmark (see docs/benchmarks.md)",
+                         description="Run benchmarks/NAME.py from the source repository; extra "
+                                     "arguments go to the benchmark (NAME --help lists them).")
+    ben.add_argument("name", help="benchmark name, or `list`; one of: " + ", ".join(benchmark_names()))
+    ben.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    return parser
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if getattr(args, "no_progress", False):
+        os.environ["PYRO_EBM_PROGRESS"] = "0"
     if args.command == "demo":
         from .demo import run_demo
 
@@ -70,6 +134,9 @@ def main(argv=None):
             return
         reproduce(args.name, args.out, args.quick, args.seeds)
     else:
+        if args.name == "list":
+            print("\n".join(benchmark_names()))
+            return
         bench(args.name, args.extra)
 
 
