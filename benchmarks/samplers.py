@@ -160,7 +160,7 @@ def _overhead_runs(args, num_data):
     latent = energy_view(logistic_factor_model).latent_potential(features, labels)
     x0 = 0.1 * torch.randn(args.chains, DIM)
     step = 0.5 / num_data  # about the optimal MALA step for this posterior
-    kernel = mcmc.MALA(step, target_accept=None)
+    kernel = mcmc.MALA(step, adapt_step_size=False)
     runs = {
         "bare": lambda: bare_mala(pot, x0, step, steps, warm),
         "plain": lambda: mcmc.sample(pot, kernel, args.chains, steps - warm, warmup_steps=warm,
@@ -225,7 +225,7 @@ def gpu(args):
     print(f"device: {name}\n")
     print("| chains | steps | seconds | chain-steps/s |")
     print("|---|---|---|---|")
-    kernel = mcmc.MALA(0.01, target_accept=None)
+    kernel = mcmc.MALA(0.01, adapt_step_size=False)
     out = {}
     for chains in args.gpu_chains:
         state = kernel.init(torch.randn(chains, 64, device=device), potential)

@@ -24,7 +24,7 @@ from pyro_ebm import mcmc
 
 KERNELS = {
     "mala": lambda a: mcmc.MALA(a.step_size),
-    "hmc": lambda a: mcmc.HMC(a.step_size, num_leapfrog_steps=5),
+    "hmc": lambda a: mcmc.HMC(a.step_size, num_steps=5),
     "ula": lambda a: mcmc.ULA(a.step_size),
     "underdamped": lambda a: mcmc.UnderdampedLangevin(a.step_size, friction=1.0),
 }
@@ -51,7 +51,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("latent_chains_trace.png"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (by default shown only on a terminal)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,7 +66,7 @@ def main(argv=None):
 
     samples = mcmc.sample(model, KERNELS[args.kernel](args), num_chains=args.num_chains,
                           num_samples=args.num_samples, warmup_steps=args.warmup_steps,
-                          model_args=(v,), progress=not args.no_progress)
+                          model_args=(v,), progress=False if args.no_progress else None)
     table = samples.summary(kind="diagnostics")
     print(table.to_string())
     print(f"acceptance {float(samples.stats['accept_prob'].mean()):.3f}, "

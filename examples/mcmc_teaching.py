@@ -22,12 +22,12 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pyro_ebm import datasets, mcmc
 from pyro_ebm.features import digits_classifier, digits_features
 from pyro_ebm.infer import MCMCTeaching
 from pyro_ebm.metrics import frechet_distance
+from pyro_ebm.progress import progress_bar
 
 LATENT = 16
 
@@ -102,11 +102,13 @@ def main(args):
     )
     data = (x_train, y_train) if args.conditional else (x_train,)
     stream = datasets.batches(data, args.batch_size, seed=args.seed, drop_last=True)
-    bar = tqdm(itertools.islice(stream, args.iterations), total=args.iterations, disable=args.quiet)
+    bar = progress_bar(itertools.islice(stream, args.iterations), total=args.iterations,
+                       progress=False if args.quiet else None)
     for batch in bar:
         stats = teaching.step(*batch[: len(data)])
-        bar.set_postfix(ebm_loss=f"{stats['ebm_loss']:.2f}", E_init=f"{stats['energy_init']:.1f}",
-                        E_revised=f"{stats['energy_revised']:.1f}")
+        if hasattr(bar, "set_postfix"):  # a tqdm bar, not the bare iterator
+            bar.set_postfix(ebm_loss=f"{stats['ebm_loss']:.2f}", E_init=f"{stats['energy_init']:.1f}",
+                            E_revised=f"{stats['energy_revised']:.1f}")
 
     n = 100
     if args.conditional:
@@ -143,5 +145,6 @@ if __name__ == "__main__":
     parser.add_argument("--conditional", action="store_true", help="class-conditional EBM and VAE")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/mcmc_teaching")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (by default shown only on a terminal)")
     main(parser.parse_args())

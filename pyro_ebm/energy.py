@@ -446,6 +446,9 @@ class LatentPotential:
 
     def __init__(self, view: EnergyView, args, kwargs):
         self.view, self.args, self.kwargs = view, args, kwargs
+        # a cached view holds its model weakly; the potential (kept in every kernel
+        # state) holds it strongly, so chains can go on after the caller drops it
+        self.model = view.model
         st = view.structure(*args, **kwargs)
         if not st.latents:
             raise ValueError("the model has no latent sample sites to sample")

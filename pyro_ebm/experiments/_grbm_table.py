@@ -15,12 +15,12 @@ import time
 
 import pyro
 import torch
-from tqdm.auto import tqdm
 
 from .. import datasets
 from ..guides import AmortizedBernoulli
 from ..infer import DSM, SSM, BiSM, ContrastiveDivergence, ExactSM, VaGES
 from ..models import GaussianRBM
+from ..progress import progress_bar
 
 #: bi-level / variational method -> its plain score-matching counterpart
 COUNTERPART = {
@@ -71,7 +71,7 @@ def train_one(name, factory, train, test, visible, hidden, iterations, seed):
     stream = datasets.batches(train, 100, seed=seed)
     start = time.perf_counter()
     diverged = None
-    for it in tqdm(range(iterations), desc=f"{name} seed {seed}", leave=False):
+    for it in progress_bar(range(iterations), desc=f"{name} seed {seed}"):
         try:
             trainer.step(next(stream))
         except (ValueError, RuntimeError) as err:

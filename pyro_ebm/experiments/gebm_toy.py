@@ -63,9 +63,9 @@ def samplers(quick):
     steps = 10 if quick else 500
     return {
         "ULA": (mcmc.ULA(0.01), steps),
-        "MALA": (mcmc.MALA(0.05, target_accept=0.57), steps),
+        "MALA": (mcmc.MALA(0.05, target_accept_prob=0.57), steps),
         "underdamped Langevin": (mcmc.UnderdampedLangevin(0.1, friction=1.0), steps),
-        "HMC": (mcmc.HMC(0.1, num_leapfrog_steps=5, target_accept=0.8), steps // 5),
+        "HMC": (mcmc.HMC(0.1, num_steps=5, target_accept_prob=0.8), steps // 5),
     }
 
 

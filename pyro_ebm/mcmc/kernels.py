@@ -28,6 +28,7 @@ __all__ = [
     "ULA",
     "AnnealedLangevin",
     "KernelState",
+    "NonFiniteStartError",
     "UnderdampedLangevin",
     "potential_and_grad",
 ]
@@ -100,9 +101,16 @@ def _check_positive(name, value):
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
-def _check_target(target_accept):
-    if target_accept is not None and not 0.0 < float(target_accept) < 1.0:
-        raise ValueError(f"target_accept must lie in (0, 1) or be None, got {target_accept}")
+def _check_target(target_accept_prob):
+    try:
+        ok = not isinstance(target_accept_prob, bool) and 0.0 < float(target_accept_prob) < 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"target_accept_prob must lie in (0, 1), got {target_accept_prob!r}; to keep the step "
+            "size fixed during warmup pass adapt_step_size=False"
+        )
 
 
 class _Kernel:
@@ -110,7 +118,7 @@ class _Kernel:
 
     #: whether :func:`pyro_ebm.mcmc.sample` adapts the step size during warmup
     adapt_step_size = False
-    target_accept = None
+    target_accept_prob = None
     uses_momentum = False
 
     def __init__(self, step_size):
@@ -149,11 +157,7 @@ class _Kernel:
             )
         bad = ~(torch.isfinite(u) & torch.isfinite(grad).flatten(1).all(-1))
         if bool(bad.any()):
-            idx = bad.nonzero().flatten()[:10].tolist()
-            raise ValueError(
-                f"the potential or its gradient is not finite at the initial position of "
-                f"{int(bad.sum())} chain(s), e.g. chain(s) {idx}; start them elsewhere"
-            )
+            raise NonFiniteStartError(u, grad, bad)
         step = torch.as_tensor(self.step_size, dtype=position.dtype, device=position.device)
         if step.dim() == 0:
             step = step.expand(chains).clone()
@@ -180,6 +184,38 @@ class _Kernel:
     def __repr__(self):
         fields = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
+
+
+class NonFiniteStartError(ValueError):
+    """The potential or its gradient is NaN or Inf at the initial position of some
+    chains. ``chains`` holds their indices; the message says which of U and ∇U is
+    not finite, how, and whether every chain is affected (then the target itself
+    is at fault, not the starting points)."""
+
+    def __init__(self, potential_energy, grad, bad):
+        self.chains = bad.nonzero().flatten().tolist()
+        first = self.chains[0]
+        u, g = potential_energy[first], grad[first]
+        where = "the target's log density is not finite"
+        if not bool(torch.isfinite(u)):
+            what = f"the potential is {'NaN' if bool(torch.isnan(u)) else float(u)}"
+        else:
+            where = "the target's log density is not differentiable"
+            kind = "NaN" if bool(torch.isnan(g).any()) else "Inf"
+            what = f"the gradient of the potential has {kind} entries"
+        total = bad.numel()
+        if len(self.chains) == total:
+            message = (
+                f"{what} at the initial positions of all {total} chains (e.g. chain {first}): "
+                f"{where} where the chains start; check the potential (the model and its data), "
+                "or start the chains elsewhere"
+            )
+        else:
+            message = (
+                f"{what} at the initial position of {len(self.chains)} of {total} chains, e.g. "
+                f"chain(s) {self.chains[:10]}; start them elsewhere"
+            )
+        super().__init__(message)
 
 
 def _check_finite_positions(position):
@@ -248,13 +284,17 @@ class MALA(_Kernel):
 
         \alpha = \min\Big(1, \exp\big(U(x) - U(x') + \log q(x \mid x') - \log q(x' \mid x)\big)\Big),
 
-    so the chains target :math:`\pi \propto e^{-U}` exactly. With ``target_accept``
-    set, :func:`~pyro_ebm.mcmc.sample` adapts each chain's γ during warmup by dual
-    averaging. A non-finite proposal is rejected and marked divergent.
+    so the chains target :math:`\pi \propto e^{-U}` exactly. During warmup,
+    :func:`~pyro_ebm.mcmc.sample` adapts each chain's γ toward
+    ``target_accept_prob`` by dual averaging
+    (:class:`~pyro_ebm.mcmc.adaptation.StepSizeAdaptation`). A non-finite proposal
+    is rejected and marked divergent. The keyword names are those of Pyro's
+    :class:`~pyro.infer.mcmc.HMC`.
 
     :param float step_size: γ > 0 (initial value when adapted), float or ``(C,)`` tensor.
-    :param float target_accept: acceptance rate that warmup adapts γ toward
-        (0.574 is optimal for MALA in high dimension); ``None`` keeps γ fixed.
+    :param float target_accept_prob: acceptance rate that warmup adapts γ toward
+        (0.574 is optimal for MALA in high dimension).
+    :param bool adapt_step_size: adapt γ during warmup; ``False`` keeps it fixed.
 
     >>> samples = mcmc.sample(potential, MALA(0.1), num_chains=1024, num_samples=200,
     ...                       warmup_steps=200, initial=torch.zeros(1024, 2))
@@ -265,13 +305,11 @@ class MALA(_Kernel):
     to Langevin diffusions", JRSS B 1998.
     """
 
-    adapt_step_size = True
-
-    def __init__(self, step_size, target_accept=0.57):
+    def __init__(self, step_size, target_accept_prob=0.57, *, adapt_step_size=True):
         super().__init__(step_size)
-        _check_target(target_accept)
-        self.target_accept = target_accept
-        self.adapt_step_size = target_accept is not None
+        _check_target(target_accept_prob)
+        self.target_accept_prob = float(target_accept_prob)
+        self.adapt_step_size = bool(adapt_step_size)
 
     def step(self, state):
         x, g, u = state.position, state.grad, state.potential_energy
@@ -356,7 +394,7 @@ class UnderdampedLangevin(_Kernel):
 
 
 class HMC(_Kernel):
-    r"""Hamiltonian Monte Carlo with ``num_leapfrog_steps`` leapfrog steps, a fresh
+    r"""Hamiltonian Monte Carlo with ``num_steps`` leapfrog steps, a fresh
     unit-mass momentum per step and a per-chain Metropolis accept.
 
     With :math:`H(x, p) = U(x) + \tfrac12\|p\|^2`, :math:`p \sim \mathcal N(0, I)` and
@@ -373,33 +411,35 @@ class HMC(_Kernel):
     the current point is cached in the state). On rejection the chain keeps its
     position together with the cached potential and gradient of that position.
     A step whose energy error :math:`H(x', p') - H(x, p)` is non-finite or exceeds
-    ``max_delta_energy`` is divergent.
+    ``max_delta_energy`` is divergent. The keyword names are those of Pyro's
+    :class:`~pyro.infer.mcmc.HMC`; the mass matrix is the identity and is not adapted.
 
     :param float step_size: ε > 0 (initial value when adapted), float or ``(C,)`` tensor.
-    :param int num_leapfrog_steps: L ≥ 1.
-    :param float target_accept: acceptance rate warmup adapts ε toward; ``None``
-        keeps ε fixed.
+    :param int num_steps: L ≥ 1 leapfrog steps per step.
+    :param float target_accept_prob: acceptance rate that warmup adapts ε toward
+        (:class:`~pyro_ebm.mcmc.adaptation.StepSizeAdaptation`).
     :param float max_delta_energy: energy error above which a step is divergent.
+    :param bool adapt_step_size: adapt ε during warmup; ``False`` keeps it fixed.
 
-    >>> kernel = HMC(step_size=0.2, num_leapfrog_steps=10)
+    >>> kernel = HMC(step_size=0.2, num_steps=10)
 
     **References:** S. Duane, A. D. Kennedy, B. J. Pendleton, D. Roweth, "Hybrid
     Monte Carlo", Physics Letters B 1987; R. M. Neal, "MCMC using Hamiltonian
     dynamics", Handbook of MCMC 2011.
     """
 
-    adapt_step_size = True
     uses_momentum = True
 
-    def __init__(self, step_size, num_leapfrog_steps=10, target_accept=0.8, max_delta_energy=1000.0):
+    def __init__(self, step_size, num_steps=10, target_accept_prob=0.8, max_delta_energy=1000.0, *,
+                 adapt_step_size=True):
         super().__init__(step_size)
-        if not isinstance(num_leapfrog_steps, int) or num_leapfrog_steps < 1:
-            raise ValueError(f"num_leapfrog_steps must be an int >= 1, got {num_leapfrog_steps!r}")
-        _check_target(target_accept)
+        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        _check_target(target_accept_prob)
         _check_positive("max_delta_energy", max_delta_energy)
-        self.num_leapfrog_steps = num_leapfrog_steps
-        self.target_accept = target_accept
-        self.adapt_step_size = target_accept is not None
+        self.num_steps = num_steps
+        self.target_accept_prob = float(target_accept_prob)
+        self.adapt_step_size = bool(adapt_step_size)
         self.max_delta_energy = float(max_delta_energy)
 
     def step(self, state):
@@ -408,10 +448,10 @@ class HMC(_Kernel):
         p0 = torch.randn_like(x0)
         p = p0 - 0.5 * eps * g0
         x = x0
-        for i in range(self.num_leapfrog_steps):
+        for i in range(self.num_steps):
             x = x + eps * p
             u, g = potential_and_grad(state.potential_fn, x)
-            p = p - (eps if i + 1 < self.num_leapfrog_steps else 0.5 * eps) * g
+            p = p - (eps if i + 1 < self.num_steps else 0.5 * eps) * g
         log_ratio = (u0 + 0.5 * _sq_norm(p0)) - (u + 0.5 * _sq_norm(p))
         finite = torch.isfinite(log_ratio)
         diverging = ~finite | (log_ratio < -self.max_delta_energy)

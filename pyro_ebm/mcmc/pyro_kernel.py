@@ -9,7 +9,7 @@ import torch
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
 from ..infer.score_matching import energy_view
-from .run import DualAveraging
+from .adaptation import StepSizeAdaptation
 
 __all__ = ["PyroKernel"]
 
@@ -26,7 +26,9 @@ class PyroKernel(MCMCKernel):
 
     the potential of :meth:`~pyro_ebm.energy.EnergyView.latent_potential`.
     During Pyro's warmup, kernels with ``adapt_step_size`` (MALA, HMC) adapt the
-    step size by dual averaging. ``diagnostics()`` reports ``divergences`` (the
+    step size toward their ``target_accept_prob`` by dual averaging, with the
+    same :class:`~pyro_ebm.mcmc.adaptation.StepSizeAdaptation` as
+    :func:`~pyro_ebm.mcmc.sample`. ``diagnostics()`` reports ``divergences`` (the
     indices of divergent draws) and ``acceptance rate``, so ``MCMC.summary()``
     and ``arviz.from_pyro`` work as with Pyro's own kernels.
 
@@ -63,7 +65,7 @@ class PyroKernel(MCMCKernel):
         self._warmup_steps = 0
         self._state = None
         self._params = None
-        self._adapter = None
+        self._adaptation = None
         self._divergences = []
         self._accept_sum = 0.0
 
@@ -86,8 +88,7 @@ class PyroKernel(MCMCKernel):
             z = self._pack(self._initial_params)
         with torch.no_grad():
             self._state = self.kernel.init(z, self._potential)
-        if warmup_steps and getattr(self.kernel, "adapt_step_size", False):
-            self._adapter = DualAveraging(self._state.step_size, self.kernel.target_accept)
+        self._adaptation = StepSizeAdaptation.for_kernel(self.kernel, self._state, warmup_steps)
         self._params = self._unpack(self._state.position)
         self._initial_params = self._params
 
@@ -119,12 +120,8 @@ class PyroKernel(MCMCKernel):
         with torch.no_grad():
             state = self.kernel.step(self._state)
         if self._t < self._warmup_steps:
-            if self._adapter is not None:
-                if self._t + 1 < self._warmup_steps:
-                    state = state._replace(step_size=self._adapter.update(state.accept_prob))
-                else:
-                    self._adapter.update(state.accept_prob)
-                    state = state._replace(step_size=self._adapter.final_step_size())
+            if self._adaptation is not None:
+                state = self._adaptation.step(state, final=self._t + 1 == self._warmup_steps)
         else:
             if bool(state.diverging[0]):
                 self._divergences.append(self._t - self._warmup_steps)

@@ -6,57 +6,20 @@ ArviZ layout ``(chain, draw, ...)`` and a progress bar."""
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 
-from ..energy import LatentPotential, check_finite
-from .kernels import KernelState
+from ..energy import LatentPotential, check_data, check_finite
+from ..progress import progress_bar
+from .adaptation import StepSizeAdaptation
+from .kernels import KernelState, NonFiniteStartError
 
-__all__ = ["DualAveraging", "Samples", "sample"]
+__all__ = ["Samples", "sample"]
 
-
-class DualAveraging:
-    r"""Per-chain dual averaging of the log step size toward a target acceptance
-    probability δ (Hoffman & Gelman 2014, Algorithm 5):
-
-    .. math::
-
-        \bar H_t &= (1 - \tfrac{1}{t + t_0})\,\bar H_{t-1} + \tfrac{1}{t + t_0}(\delta - \alpha_t)\\
-        \log\epsilon_t &= \mu - \tfrac{\sqrt t}{\gamma}\bar H_t,\qquad
-        \log\bar\epsilon_t = t^{-\kappa}\log\epsilon_t + (1 - t^{-\kappa})\log\bar\epsilon_{t-1}
-
-    with :math:`\mu = \log(10\,\epsilon_0)`. Warmup steps use :math:`\epsilon_t`;
-    sampling uses the averaged :math:`\bar\epsilon`.
-
-    :param torch.Tensor step_size: ``(C,)`` initial step sizes ε0.
-    :param float target_accept: δ.
-
-    **References:** M. D. Hoffman, A. Gelman, "The No-U-Turn Sampler", JMLR 2014.
-    """
-
-    def __init__(self, step_size, target_accept, gamma=0.05, t0=10.0, kappa=0.75):
-        log_eps = step_size.log()
-        self.mu = log_eps + math.log(10.0)
-        self.h_bar = torch.zeros_like(log_eps)
-        self.log_eps_bar = log_eps.clone()
-        self.target_accept, self.gamma, self.t0, self.kappa = float(target_accept), gamma, t0, kappa
-        self.t = 0
-
-    def update(self, accept_prob):
-        """One adaptation step from the last ``(C,)`` acceptance probabilities;
-        returns the step sizes for the next step."""
-        self.t += 1
-        w = 1.0 / (self.t + self.t0)
-        self.h_bar = (1 - w) * self.h_bar + w * (self.target_accept - accept_prob)
-        log_eps = self.mu - (math.sqrt(self.t) / self.gamma) * self.h_bar
-        eta = self.t ** -self.kappa
-        self.log_eps_bar = eta * log_eps + (1 - eta) * self.log_eps_bar
-        return log_eps.exp()
-
-    def final_step_size(self):
-        """The averaged step sizes :math:`\\bar\\epsilon`, used after warmup."""
-        return self.log_eps_bar.exp()
+#: all chains diverging on this many consecutive steps (or on every step of a
+#: shorter run) stops the run with an error: no chain can move any more (checked
+#: every 1% of the run, so a streak is caught within one such window)
+_STUCK_STEPS = 100
 
 
 class Samples:
@@ -69,8 +32,10 @@ class Samples:
         ``diverging`` (and ``energy``, the Hamiltonian, for kernels with a
         momentum), each ``(chain, draw)``.
     :ivar torch.Tensor warmup_divergences: ``(chain,)`` divergent warmup steps.
-    :ivar KernelState last_state: the kernel state after the last step (to go on
-        sampling: ``kernel.step(samples.last_state)``).
+    :ivar KernelState last_state: the kernel state after the last step, to go on
+        sampling: ``kernel.step(samples.last_state)``, or
+        ``mcmc.sample(model, kernel, ..., initial=samples.last_state)`` (same
+        positions and adapted step sizes).
     """
 
     def __init__(self, positions, stats, unpack, warmup_divergences, last_state: KernelState):
@@ -136,7 +101,7 @@ class Samples:
 
 
 def sample(model_or_potential, kernel, num_chains, num_samples, warmup_steps=0, thin=1,
-           model_args=(), model_kwargs=None, initial=None, progress=True) -> Samples:
+           model_args=(), model_kwargs=None, initial=None, progress=None) -> Samples:
     """Run ``num_chains`` chains of ``kernel`` as one batch and keep ``num_samples``
     draws of each after ``warmup_steps`` steps, every ``thin``-th step.
 
@@ -158,10 +123,24 @@ def sample(model_or_potential, kernel, num_chains, num_samples, warmup_steps=0, 
       are given and the callable takes one argument (draws under the key
       ``"x"``); or a :class:`~pyro_ebm.energy.LatentPotential`.
 
+    ``initial`` may also be the :attr:`Samples.last_state` of an earlier run: the
+    chains go on from its positions with its adapted per-chain step sizes (kept
+    as they are with ``warmup_steps=0``, the starting point of a new adaptation
+    otherwise), the kinetic kernels' momenta and its step counter.
+
+    The model's tensor arguments are checked first: an empty batch, NaN or Inf,
+    or (floating point) values so large that their squares overflow the dtype
+    are refused with an error naming the argument. Integer arguments are passed
+    as they are (e.g. counts observed at a Poisson site); if the model fails on
+    one (a Bernoulli site needs float observations), the error names it and its
+    dtype.
+
     During warmup, kernels with ``adapt_step_size`` (MALA, HMC) adapt each chain's
-    step size toward their ``target_accept`` by :class:`DualAveraging`. A divergent
-    step (non-finite proposal) leaves that chain in place and is counted; the run
-    goes on.
+    step size toward their ``target_accept_prob`` by
+    :class:`~pyro_ebm.mcmc.adaptation.StepSizeAdaptation`. A divergent step
+    (non-finite proposal) leaves that chain in place and is counted; the run goes
+    on, unless every chain diverges on 100 consecutive steps (or on every step of
+    a shorter run): then no chain can move and the run stops with an error.
 
     :param model_or_potential: Pyro model, potential callable or ``LatentPotential``.
     :param kernel: a kernel from :mod:`pyro_ebm.mcmc.kernels`.
@@ -171,14 +150,18 @@ def sample(model_or_potential, kernel, num_chains, num_samples, warmup_steps=0, 
     :param int thin: keep every ``thin``-th step after warmup.
     :param tuple model_args: arguments of the Pyro model.
     :param dict model_kwargs: keyword arguments of the Pyro model.
-    :param initial: initial positions (see above).
-    :param bool progress: show a progress bar with acceptance and divergences.
+    :param initial: initial positions (see above), or a ``KernelState`` to go on from.
+    :param progress: show a progress bar with acceptance and divergences; ``None``
+        (default) shows it only when standard error is a terminal (see
+        :func:`pyro_ebm.progress.progress_enabled`).
     :returns: :class:`Samples`.
 
     >>> samples = mcmc.sample(model, mcmc.MALA(0.1), num_chains=1024, num_samples=500,
     ...                       warmup_steps=500, model_args=(v,))
     >>> samples.get_samples()["z"].shape          # (1024, 500, *site_shape)
     >>> samples.summary()
+    >>> more = mcmc.sample(model, mcmc.MALA(0.1), 1024, 500, model_args=(v,),
+    ...                    initial=samples.last_state)   # the same chains, 500 more draws
     """
     for name, value, low in (("num_chains", num_chains, 1), ("num_samples", num_samples, 1),
                              ("warmup_steps", warmup_steps, 0), ("thin", thin, 1)):
@@ -187,35 +170,63 @@ def sample(model_or_potential, kernel, num_chains, num_samples, warmup_steps=0, 
     for attr in ("init", "step"):
         if not callable(getattr(kernel, attr, None)):
             raise TypeError(f"kernel must have init(position, potential) and step(state), got {kernel!r}")
-    potential, position, unpack = _setup(model_or_potential, num_chains, model_args,
-                                         model_kwargs or {}, initial)
+    model_kwargs = model_kwargs or {}
+    labels = _argument_labels(model_or_potential, model_args, model_kwargs)
+    _check_model_arguments(model_args, model_kwargs, labels)
+    last = initial if isinstance(initial, KernelState) else None
+    if last is not None:
+        initial = last.position
+    try:
+        potential, position, unpack = _setup(model_or_potential, num_chains, model_args, model_kwargs,
+                                             initial)
+        with torch.no_grad():
+            state = kernel.init(position, potential)
+    except RuntimeError as err:  # torch refusing an integer tensor somewhere in the model
+        integers = [f"{labels[k]} has dtype {v.dtype}" for k, v in _tensor_arguments(model_args, model_kwargs)
+                    if not v.is_floating_point()]
+        if not integers:
+            raise
+        raise TypeError(
+            f"the model failed on integer data: {'; '.join(integers)} (torch: {_first_line(err)}). "
+            "Pass floating point values where the model computes with them or observes them at a "
+            "site that needs floats (e.g. Bernoulli: y.float())"
+        ) from err
+    except NonFiniteStartError as err:
+        if not isinstance(potential, LatentPotential):
+            raise
+        chain = err.chains[0]
+        with torch.no_grad():
+            values = potential.unpack(position[chain:chain + 1])
+        at = ", ".join(f"{k} = {_brief(v[0])}" for k, v in values.items())
+        raise ValueError(f"{err}; chain {chain} starts at {at}, {_describe_initial(initial)}") from err
+    if last is not None:
+        state = _go_on_from(state, last)
     with torch.no_grad():
-        state = kernel.init(position, potential)
         return _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress)
 
 
 def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress):
-    adapter = None
-    if warmup_steps and getattr(kernel, "adapt_step_size", False):
-        adapter = DualAveraging(state.step_size, kernel.target_accept)
-    warm_div = torch.zeros(state.position.shape[0], dtype=torch.long, device=state.position.device)
+    adaptation = StepSizeAdaptation.for_kernel(kernel, state, warmup_steps)
+    # divergent steps per chain so far: one in-place add per step, read on the host
+    # only every `refresh` steps (progress bar, and the check that some chain can move)
+    div_count = torch.zeros(state.position.shape[0], dtype=torch.long, device=state.position.device)
+    warm_div = div_count.clone()
     total = warmup_steps + num_samples * thin
-    bar = _progress_bar(total, progress)
+    bar = progress_bar(total=total, progress=progress, leave=True)
     refresh = max(1, total // 100)
+    stuck_limit = min(_STUCK_STEPS, total)
+    stuck, checked_at, div_at_check = 0, 0, div_count.clone()  # steps on which every chain diverged
     draws = {"position": [], "accept_prob": [], "step_size": [], "potential_energy": [], "diverging": []}
     energies = [] if state.momentum is not None else None
     acc_sum = torch.zeros_like(state.potential_energy)
-    div_sum = torch.zeros_like(warm_div)
     for i in range(total):
         state = kernel.step(state)
+        div_count += state.diverging
         if i < warmup_steps:
-            warm_div += state.diverging
-            if adapter is not None:
-                if i + 1 < warmup_steps:
-                    state = state._replace(step_size=adapter.update(state.accept_prob))
-                else:
-                    adapter.update(state.accept_prob)
-                    state = state._replace(step_size=adapter.final_step_size())
+            if adaptation is not None:
+                state = adaptation.step(state, final=i + 1 == warmup_steps)
+            if i + 1 == warmup_steps:
+                warm_div = div_count.clone()
         elif (i - warmup_steps + 1) % thin == 0:
             draws["position"].append(state.position)
             draws["accept_prob"].append(state.accept_prob)
@@ -224,14 +235,23 @@ def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress):
             draws["diverging"].append(state.diverging)
             if energies is not None:
                 energies.append(state.potential_energy + 0.5 * state.momentum.pow(2).flatten(1).sum(-1))
-        if bar is not None:  # host syncs only every `refresh` steps
+        if bar is not None:
             acc_sum += state.accept_prob
-            div_sum += state.diverging
-            if (i + 1) % refresh == 0 or i + 1 == total:
+        if (i + 1) % refresh == 0 or i + 1 == total:
+            # every chain diverged on every step since the last check iff the fewest
+            # divergences any chain had since then equals the number of steps
+            window = i + 1 - checked_at
+            stuck = stuck + window if int((div_count - div_at_check).min()) == window else 0
+            checked_at, div_at_check = i + 1, div_count.clone()
+            if stuck >= stuck_limit:
+                if bar is not None:
+                    bar.close()
+                _raise_stuck(kernel, state, stuck, i, warmup_steps)
+            if bar is not None:
                 steps = (i + 1) - bar.n
                 bar.set_description("warmup" if i < warmup_steps else "sample", refresh=False)
                 bar.set_postfix(accept=f"{float(acc_sum.mean()) / steps:.3f}",
-                                divergences=int(div_sum.sum()), refresh=False)
+                                divergences=int(div_count.sum()), refresh=False)
                 bar.update(steps)
                 acc_sum.zero_()
     if bar is not None:
@@ -243,12 +263,31 @@ def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress):
     return Samples(positions, stats, unpack, warm_div, state)
 
 
-def _progress_bar(total, progress):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
+def _raise_stuck(kernel, state, steps, i, warmup_steps):
+    first, last = i + 2 - steps, i + 1  # 1-based step numbers
+    phases = [name for name, lo, hi in (("warmup", 1, warmup_steps), ("sampling", warmup_steps + 1, last))
+              if lo <= last and first <= hi]
+    energy_error = ""
+    if hasattr(kernel, "max_delta_energy"):
+        energy_error = " (or an energy error above max_delta_energy)"
+    lo, hi = float(state.step_size.min()), float(state.step_size.max())
+    sizes = f"the step size is {lo:.3g}" if lo == hi else f"the step sizes are {lo:.3g} to {hi:.3g}"
+    raise ValueError(
+        f"every one of the {state.position.shape[0]} chains had a non-finite potential or gradient"
+        f"{energy_error} at its proposal on each of {steps} consecutive steps ({first} to {last}, "
+        f"{' and '.join(phases)}), so no chain can move; {sizes}. "
+        f"Lower step_size, or check where the potential (the model and its data) is NaN or Inf"
+    )
 
-    return tqdm(total=total, leave=True)
+
+def _go_on_from(state, last):
+    """``state`` (fresh from ``kernel.init`` at ``last.position``) with the step
+    sizes, momenta and step counter of ``last``, the state to go on from."""
+    momentum = state.momentum
+    if momentum is not None and last.momentum is not None and last.momentum.shape == momentum.shape:
+        momentum = last.momentum.to(momentum)
+    return state._replace(step_size=last.step_size.to(state.step_size), momentum=momentum,
+                          iteration=last.iteration)
 
 
 def _setup(target, num_chains, model_args, model_kwargs, initial):
@@ -267,16 +306,79 @@ def _setup(target, num_chains, model_args, model_kwargs, initial):
     from ..infer.score_matching import energy_view
 
     view = energy_view(target)
+    name = getattr(target, "__name__", "this callable")
     try:
         potential = view.latent_potential(*model_args, **model_kwargs)
     except TypeError as err:
         if not model_args and not model_kwargs and initial is None:
             raise TypeError(
-                f"{err}. If {getattr(target, '__name__', 'this callable')} is a plain potential "
+                f"{err}. If {name} is a plain potential "
                 "U(x) rather than a Pyro model, pass initial positions of shape (num_chains, dim)"
             ) from err
         raise
+    except ValueError as err:
+        if not str(err).startswith("Expected "):  # torch.distributions' validation
+            raise
+        raise ValueError(
+            f"running the model {name} once, with latent values drawn from its own sampling "
+            f"statements, made an invalid distribution: {_first_line(err).rstrip(':')}. A NaN or "
+            "Inf parameter (for a pyro.factor, the Unit distribution's log_factor) comes from the "
+            "model's computation or its data"
+        ) from err
     return potential, _latent_initial(potential, num_chains, initial), potential.unpack
+
+
+def _tensor_arguments(model_args, model_kwargs):
+    """``(key, tensor)`` for every tensor argument, keyed by position or by name."""
+    items = list(enumerate(model_args)) + list(model_kwargs.items())
+    return [(k, v) for k, v in items if torch.is_tensor(v)]
+
+
+def _argument_labels(model, model_args, model_kwargs):
+    """How errors name each argument: ``model argument 'y' (model_args[1])``."""
+    try:
+        params = list(inspect.signature(model).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = [p.name for p in params
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    labels = {i: (f"model argument '{positional[i]}' (model_args[{i}])" if i < len(positional)
+                  else f"model_args[{i}]") for i in range(len(model_args))}
+    labels.update({k: f"model argument '{k}'" for k in model_kwargs})
+    return labels
+
+
+def _check_model_arguments(model_args, model_kwargs, labels):
+    """Refuse empty, non-finite and overflowing tensor arguments before the model
+    runs (an empty batch would end in a ZeroDivisionError inside a plate)."""
+    for key, value in _tensor_arguments(model_args, model_kwargs):
+        label = labels[key]
+        if value.dim() == 0:
+            check_finite(label, value)
+        elif value.is_floating_point():
+            check_data(value, label, min_dim=1)
+        elif value.shape[0] == 0:
+            raise ValueError(
+                f"{label} is an empty batch (shape {tuple(value.shape)}): pass at least one item"
+            )
+
+
+def _first_line(err):
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _brief(value, limit=6):
+    flat = value.detach().flatten()
+    shown = ", ".join(f"{float(x):.4g}" for x in flat[:limit])
+    return f"[{shown}{', ...' if flat.numel() > limit else ''}]" if value.dim() else shown
+
+
+def _describe_initial(initial):
+    if initial is None:
+        return "drawn from the model's own sampling statements"
+    if isinstance(initial, str):
+        return "drawn uniformly on (-2, 2) in the unconstrained space"
+    return "as given by initial"
 
 
 def _takes_one_argument(fn):

@@ -7,10 +7,12 @@ every check allows 5 standard errors (a false failure about once in 10^6), plus,
 for the unadjusted kernels on the mixture, an allowance for their O(step) bias.
 """
 
+import inspect
 import math
 import warnings
 
 import numpy as np
+import pyro
 import pytest
 import torch
 
@@ -81,7 +83,7 @@ KERNELS = [
     ("ULA", lambda: mcmc.ULA(0.05), ula_covariance(0.05)),
     ("MALA", lambda: mcmc.MALA(0.3), COV.tolist()),
     ("UnderdampedLangevin", lambda: mcmc.UnderdampedLangevin(0.3, friction=1.0), COV.tolist()),
-    ("HMC", lambda: mcmc.HMC(0.3, num_leapfrog_steps=3), COV.tolist()),
+    ("HMC", lambda: mcmc.HMC(0.3, num_steps=3), COV.tolist()),
     ("AnnealedLangevin", lambda: mcmc.AnnealedLangevin(0.05, [4.0, 2.0, 1.0], steps_per_level=30),
      ula_covariance(0.05)),
 ]
@@ -108,7 +110,7 @@ MIX_KERNELS = [
     ("ULA", lambda: mcmc.ULA(0.01), 0.02),
     ("MALA", lambda: mcmc.MALA(0.3), 0.0),
     ("UnderdampedLangevin", lambda: mcmc.UnderdampedLangevin(0.2, friction=1.0), 0.02),
-    ("HMC", lambda: mcmc.HMC(0.3, num_leapfrog_steps=3), 0.0),
+    ("HMC", lambda: mcmc.HMC(0.3, num_steps=3), 0.0),
     ("AnnealedLangevin", lambda: mcmc.AnnealedLangevin(0.01, [2.0, 1.0], steps_per_level=50), 0.02),
 ]
 
@@ -135,7 +137,7 @@ def test_mala_exact_at_large_step():
     torch.manual_seed(3)
     pot = lambda x: 0.5 * x.pow(2).sum(-1)  # noqa: E731
     init = torch.randn(2000, 1, dtype=DT)
-    samples = mcmc.sample(pot, mcmc.MALA(1.5, target_accept=None), 2000, 50, warmup_steps=20,
+    samples = mcmc.sample(pot, mcmc.MALA(1.5, adapt_step_size=False), 2000, 50, warmup_steps=20,
                           initial=init, progress=False)
     x = samples.get_samples()["x"][..., 0]
     assert (samples.stats["step_size"] == 1.5).all()
@@ -176,8 +178,8 @@ def test_annealed_langevin_level_temperature():
     assert_close_mc(x2, 4.0 / (1 - 0.05), "variance at T=4")
 
 
-@pytest.mark.parametrize("make", [lambda: mcmc.MALA(2.5, target_accept=None),
-                                  lambda: mcmc.HMC(1.2, num_leapfrog_steps=3, target_accept=None)],
+@pytest.mark.parametrize("make", [lambda: mcmc.MALA(2.5, adapt_step_size=False),
+                                  lambda: mcmc.HMC(1.2, num_steps=3, adapt_step_size=False)],
                          ids=["MALA", "HMC"])
 def test_rejection_restores_cached_potential_and_gradient(make):
     """With a step so large that most proposals are rejected, the cached potential
@@ -221,7 +223,7 @@ def test_divergent_proposals_are_rejected_and_counted():
 def test_step_size_adaptation_reaches_target():
     """Dual averaging brings MALA's per-chain acceptance near its target."""
     torch.manual_seed(8)
-    samples = mcmc.sample(gaussian_potential, mcmc.MALA(0.01, target_accept=0.6), 500, 50,
+    samples = mcmc.sample(gaussian_potential, mcmc.MALA(0.01, target_accept_prob=0.6), 500, 50,
                           warmup_steps=200, initial=torch.randn(500, 2, dtype=DT), progress=False)
     step = samples.stats["step_size"]
     assert (step == step[:, :1]).all()  # fixed after warmup
@@ -251,10 +253,12 @@ def test_bad_step_size(make, bad):
 def test_bad_kernel_arguments():
     with pytest.raises(ValueError, match="friction"):
         mcmc.UnderdampedLangevin(0.1, friction=0.0)
-    with pytest.raises(ValueError, match="num_leapfrog_steps"):
-        mcmc.HMC(0.1, num_leapfrog_steps=0)
-    with pytest.raises(ValueError, match="target_accept"):
-        mcmc.MALA(0.1, target_accept=1.5)
+    with pytest.raises(ValueError, match="num_steps"):
+        mcmc.HMC(0.1, num_steps=0)
+    with pytest.raises(ValueError, match="target_accept_prob"):
+        mcmc.MALA(0.1, target_accept_prob=1.5)
+    with pytest.raises(ValueError, match="adapt_step_size=False"):
+        mcmc.HMC(0.1, target_accept_prob=None)
     with pytest.raises(ValueError, match="temperatures"):
         mcmc.AnnealedLangevin(0.1, temperatures=[1.0, -2.0])
     with pytest.raises(ValueError, match="steps_per_level"):
@@ -273,8 +277,16 @@ def test_bad_initial_positions():
         kernel.init(torch.zeros(2, dtype=DT), gaussian_potential)
     with pytest.raises(ValueError, match=r"shape \(4,\), got shape \(4, 1\)"):
         kernel.init(torch.zeros(4, 2, dtype=DT), lambda x: x.pow(2).sum(-1, keepdim=True))
-    with pytest.raises(ValueError, match="not finite at the initial position"):
+    with pytest.raises(ValueError, match="potential is NaN at the initial positions of all 4 chains"):
         kernel.init(torch.full((4, 2), -1.0, dtype=DT), lambda x: x.log().sum(-1))
+    some = torch.ones(4, 2, dtype=DT)
+    some[1:3] = -1.0
+    with pytest.raises(ValueError, match=r"NaN at the initial position of 2 of 4 chains, "
+                                         r"e.g. chain\(s\) \[1, 2\]; start them elsewhere"):
+        kernel.init(some, lambda x: x.log().sum(-1))
+    with pytest.raises(ValueError, match="gradient of the potential has NaN entries .* all 4 chains.*"
+                                         "not differentiable"):
+        kernel.init(torch.zeros(4, 2, dtype=DT), lambda x: x.abs().sqrt().sum(-1))
     with pytest.raises(ValueError, match="does not depend differentiably"):
         kernel.init(torch.zeros(4, 2, dtype=DT), lambda x: x.detach().sum(-1))
 
@@ -297,3 +309,15 @@ def test_kernels_follow_dtype_and_keep_no_graph():
         assert state.diverging.dtype == torch.bool and state.iteration == 3
     assert weight.grad is None
     np.testing.assert_array_equal(weight.detach().numpy(), [1.0, 1.0])
+
+
+def test_kernel_keywords_are_pyros():
+    """MALA and HMC take Pyro's keyword names (pyro.infer.HMC's), so a Pyro user's
+    mcmc.HMC(step_size=0.3, num_steps=5) works; max_delta_energy is pyro_ebm's own."""
+    pyro_names = set(inspect.signature(pyro.infer.HMC).parameters)
+    for cls in (mcmc.MALA, mcmc.HMC):
+        names = set(inspect.signature(cls).parameters) - {"max_delta_energy"}
+        assert names <= pyro_names, (cls.__name__, names - pyro_names)
+    kernel = mcmc.HMC(step_size=0.3, num_steps=5, target_accept_prob=0.9, adapt_step_size=False)
+    assert (kernel.num_steps, kernel.target_accept_prob, kernel.adapt_step_size) == (5, 0.9, False)
+    assert mcmc.MALA(step_size=0.1).target_accept_prob == 0.57

@@ -57,7 +57,7 @@ def test_pyro_mcmc_runs_kernel_and_matches_batched_driver():
 
 
 def test_summary_prints_and_arviz_from_pyro_accepts_it(capsys):
-    driver = run(mcmc.HMC(0.1, num_leapfrog_steps=3), num_samples=50, warmup_steps=50)
+    driver = run(mcmc.HMC(0.1, num_steps=3), num_samples=50, warmup_steps=50)
     driver.summary()
     out = capsys.readouterr().out
     assert "loc" in out and "scale" in out and "Number of divergences: 0" in out

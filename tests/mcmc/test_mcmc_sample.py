@@ -5,6 +5,7 @@ Moment checks allow 5 Monte Carlo standard errors, sd / sqrt(ESS) with the bulk
 ESS from ArviZ (combined in quadrature when two samplers are compared).
 """
 
+import gc
 import math
 import warnings
 
@@ -92,7 +93,7 @@ def test_model_args_and_data_plate_exact_posterior():
     cov = torch.linalg.inv(torch.eye(2, dtype=DT) + features.T @ features / 0.25)
     mean = cov @ features.T @ y / 0.25
     torch.manual_seed(1)
-    samples = mcmc.sample(regression, mcmc.HMC(0.1, num_leapfrog_steps=3), 500, 60, warmup_steps=100,
+    samples = mcmc.sample(regression, mcmc.HMC(0.1, num_steps=3), 500, 60, warmup_steps=100,
                           model_args=(features, y), progress=False)
     w = samples.get_samples()["w"]
     for i in range(2):
@@ -154,7 +155,7 @@ def test_rhat_flags_chains_stuck_in_separate_modes():
         return -torch.logsumexp(-0.5 * ((x - mu) / 0.5) ** 2, -1)
 
     init = torch.cat([torch.full((10, 1), -4.0, dtype=DT), torch.full((10, 1), 4.0, dtype=DT)])
-    samples = mcmc.sample(pot, mcmc.MALA(1e-3, target_accept=None), 20, 200, initial=init,
+    samples = mcmc.sample(pot, mcmc.MALA(1e-3, adapt_step_size=False), 20, 200, initial=init,
                           progress=False)
     table = samples.summary(kind="diagnostics", round_to="none")
     assert float(table["r_hat"].iloc[0]) > 1.1
@@ -254,3 +255,204 @@ def test_bad_initial_values():
         mcmc.sample(constrained, mcmc.MALA(0.1), 2, 2, thin=0, progress=False)
     with pytest.raises(TypeError, match="kernel"):
         mcmc.sample(constrained, object(), 2, 2, progress=False)
+
+
+# -- going on from the last state ----------------------------------------------------------
+
+def _temporary_model(center):
+    """A model that only the caller's reference keeps alive (a closure)."""
+    def model():
+        pyro.sample("z", dist.Normal(center, 1.0).to_event(1))
+
+    return model
+
+
+class Recording:
+    """A kernel that records every state it is stepped from."""
+
+    def __init__(self, kernel):
+        self.kernel, self.seen = kernel, []
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+    def init(self, position, potential):
+        return self.kernel.init(position, potential)
+
+    def step(self, state):
+        self.seen.append(state)
+        return self.kernel.step(state)
+
+
+def test_last_state_goes_on_after_the_model_is_dropped():
+    """The potential in a kernel state keeps its model alive: kernel.step on
+    samples.last_state works after the (temporary) model is garbage-collected."""
+    torch.manual_seed(8)
+    kernel = mcmc.MALA(0.3)
+    samples = mcmc.sample(_temporary_model(torch.ones(2, dtype=DT)), kernel, 6, 5, warmup_steps=10,
+                          progress=False)
+    gc.collect()
+    state = samples.last_state
+    for _ in range(3):
+        state = kernel.step(state)
+    assert state.iteration == 18 and torch.isfinite(state.potential_energy).all()
+    assert samples.get_samples()["z"].shape == (6, 5, 2)
+
+
+def test_sample_from_last_state_continues_chains():
+    """initial=samples.last_state starts the new run at its positions with its adapted
+    per-chain step sizes; warmup_steps=0 keeps them, warmup adapts from them."""
+    torch.manual_seed(9)
+    center = torch.tensor([1.0, -1.0], dtype=DT)
+    samples = mcmc.sample(_temporary_model(center), mcmc.MALA(0.05), 6, 5, warmup_steps=30, progress=False)
+    last = samples.last_state
+    assert len(set(last.step_size.tolist())) == 6  # adapted chain by chain
+    gc.collect()
+
+    kernel = Recording(mcmc.MALA(0.05))
+    more = mcmc.sample(_temporary_model(center), kernel, 6, 4, initial=last, progress=False)
+    first = kernel.seen[0]
+    torch.testing.assert_close(first.position, last.position, rtol=0, atol=0)
+    torch.testing.assert_close(first.step_size, last.step_size, rtol=0, atol=0)
+    torch.testing.assert_close(more.stats["step_size"], last.step_size[:, None].expand(6, 4), rtol=0, atol=0)
+    assert more.last_state.iteration == last.iteration + 4
+
+    kernel = Recording(mcmc.MALA(0.05, target_accept_prob=0.57))
+    mcmc.sample(_temporary_model(center), kernel, 6, 1, warmup_steps=1, initial=last, progress=False)
+    alpha = kernel.seen[1].accept_prob  # of the one warmup step
+    # one dual-averaging step from prox center log(10 ε_last): t = 1, x_avg = x_1
+    expected = 10 * last.step_size * torch.exp(-(0.57 - alpha) / (0.05 * 11))
+    torch.testing.assert_close(kernel.seen[1].step_size, expected)
+
+
+def test_sample_from_last_state_of_a_potential_keeps_momentum():
+    torch.manual_seed(10)
+    pot = lambda x: 0.5 * x.pow(2).sum(-1)  # noqa: E731
+    samples = mcmc.sample(pot, mcmc.UnderdampedLangevin(0.1), 4, 3, initial=torch.zeros(4, 2, dtype=DT),
+                          progress=False)
+    kernel = Recording(mcmc.UnderdampedLangevin(0.1))
+    mcmc.sample(pot, kernel, 4, 1, initial=samples.last_state, progress=False)
+    torch.testing.assert_close(kernel.seen[0].momentum, samples.last_state.momentum, rtol=0, atol=0)
+    torch.testing.assert_close(kernel.seen[0].position, samples.last_state.position, rtol=0, atol=0)
+
+
+# -- bad data -------------------------------------------------------------------------------
+
+def logistic(features, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=DT), 1.0).to_event(1))
+    with pyro.plate("data", len(features)):
+        pyro.sample("y", dist.Bernoulli(logits=(features * w).sum(-1)), obs=y)
+
+
+def counts(y):
+    rate = pyro.sample("rate", dist.LogNormal(torch.tensor(0.0, dtype=DT), 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Poisson(rate), obs=y)
+
+
+def test_empty_data_names_the_argument_and_shape():
+    with pytest.raises(ValueError, match=r"model argument 'features' \(model_args\[0\]\) is an empty batch "
+                                         r"\(shape \(0, 2\)\)"):
+        mcmc.sample(logistic, mcmc.MALA(0.1), 4, 2, model_args=(torch.zeros(0, 2, dtype=DT),
+                                                                 torch.zeros(0, dtype=DT)), progress=False)
+    with pytest.raises(ValueError, match=r"model argument 'y' \(model_args\[0\]\) is an empty batch "
+                                         r"\(shape \(0,\)\)"):
+        mcmc.sample(counts, mcmc.MALA(0.1), 4, 2, model_args=(torch.zeros(0, dtype=torch.long),),
+                    progress=False)
+
+
+def test_integer_data():
+    """Integer counts at a Poisson site work (the same posterior as float counts);
+    integer labels at a Bernoulli site, which torch refuses, and integer features
+    fed to a float network give a TypeError naming the argument and dtype."""
+    y = torch.tensor([3, 1, 4, 1, 5])
+    torch.manual_seed(11)
+    as_int = mcmc.sample(counts, mcmc.MALA(0.1), 4, 3, warmup_steps=3, model_args=(y,), progress=False)
+    torch.manual_seed(11)
+    as_float = mcmc.sample(counts, mcmc.MALA(0.1), 4, 3, warmup_steps=3, model_args=(y.to(DT),),
+                           progress=False)
+    torch.testing.assert_close(as_int.positions, as_float.positions)
+
+    features = torch.randn(5, 2, dtype=DT)
+    with pytest.raises(TypeError, match=r"model argument 'y' \(model_args\[1\]\) has dtype torch.int64.*"
+                                        r"y.float\(\)"):
+        mcmc.sample(logistic, mcmc.MALA(0.1), 4, 2, model_args=(features, torch.tensor([0, 1, 1, 0, 1])),
+                    progress=False)
+    labels = torch.tensor([0.0, 1, 1, 0, 1], dtype=DT)
+    mcmc.sample(logistic, mcmc.MALA(0.1), 4, 2, model_args=(features, labels), progress=False)
+
+    net = torch.nn.Linear(3, 1).to(DT)
+
+    def energy_model(v):
+        z = pyro.sample("z", dist.Normal(torch.zeros(3, dtype=DT), 1.0).to_event(1))
+        with pyro.plate("data", len(v)):
+            pyro.factor("energy", -(net(v) + z).sum(-1))
+
+    with pytest.raises(TypeError, match=r"model argument 'v' \(model_args\[0\]\) has dtype torch.int64"):
+        mcmc.sample(energy_model, mcmc.MALA(0.1), 4, 2, model_args=(torch.ones(5, 3, dtype=torch.long),),
+                    progress=False)
+
+
+def test_overflowing_and_non_finite_data_are_named():
+    huge = torch.full((5, 2), 1e30)
+    with pytest.raises(ValueError, match=r"model argument 'features' \(model_args\[0\]\) overflows "
+                                         r"torch.float32"):
+        mcmc.sample(logistic, mcmc.MALA(0.1), 4, 2, model_args=(huge, torch.zeros(5)), progress=False)
+    bad = torch.zeros(5, dtype=DT)
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match=r"model argument 'y' contains 1 non-finite value\(s\): "
+                                         r"NaN at index \(3,\)"):
+        mcmc.sample(logistic, mcmc.MALA(0.1), 4, 2, model_args=(torch.zeros(5, 2, dtype=DT),),
+                    model_kwargs={"y": bad}, progress=False)
+
+
+def test_nan_potential_says_what_is_known():
+    """NaN from the model: at its first run (a pyro.factor's log_factor), where all
+    chains start (with their latent values), and at every proposal of every chain."""
+    def nan_factor():
+        z = pyro.sample("z", dist.Normal(torch.tensor(0.0, dtype=DT), 1.0))
+        pyro.factor("f", z * float("nan"))
+
+    with pytest.raises(ValueError, match=r"running the model nan_factor once.*invalid distribution.*"
+                                         r"Unit\(log_factor: nan\).*NaN or Inf parameter"):
+        mcmc.sample(nan_factor, mcmc.MALA(0.1), 4, 2, progress=False)
+
+    def cut():
+        z = pyro.sample("z", dist.Normal(torch.zeros(2, dtype=DT), 1.0).to_event(1))
+        zero = torch.zeros_like(z[..., 0])
+        pyro.factor("f", torch.where(z.abs().sum(-1) < 3, zero, zero + float("nan")))
+
+    outside = {"z": torch.full((4, 2), 5.0, dtype=DT)}
+    with pytest.raises(ValueError, match=r"potential is NaN at the initial positions of all 4 chains.*"
+                                         r"chain 0 starts at z = \[5, 5\], as given by initial"):
+        mcmc.sample(cut, mcmc.MALA(0.1), 4, 2, initial=outside, progress=False)
+
+    def only_at_zero(x):
+        u = 0.5 * x.pow(2).sum(-1)
+        return torch.where((x == 0).all(-1), u, torch.full_like(u, float("nan")))
+
+    with pytest.raises(ValueError, match=r"every one of the 4 chains had a non-finite potential.*"
+                                         r"on each of 20 consecutive steps \(1 to 20, warmup and sampling\).*"
+                                         r"the step size is 0.1"):
+        mcmc.sample(only_at_zero, mcmc.ULA(0.1), 4, 15, warmup_steps=5, initial=torch.zeros(4, 2, dtype=DT),
+                    progress=False)
+    # one chain that can move is enough to go on
+    start = torch.zeros(4, 2, dtype=DT)
+    samples = mcmc.sample(lambda x: torch.where(x[:, :1].abs().sum(-1) < 10, 0.5 * x.pow(2).sum(-1),
+                                                torch.full_like(x[:, 0], float("nan"))),
+                          mcmc.ULA(0.1), 4, 15, initial=start, progress=False)
+    assert samples.num_divergences == 0
+
+
+# -- progress ----------------------------------------------------------------------------------
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(capsys, monkeypatch):
+    """progress=None (the default) draws nothing when stderr is not a terminal (as
+    under pytest's capture); PYRO_EBM_PROGRESS=1 forces the bar on."""
+    monkeypatch.delenv("PYRO_EBM_PROGRESS", raising=False)
+    pot = lambda x: 0.5 * x.pow(2).sum(-1)  # noqa: E731
+    mcmc.sample(pot, mcmc.MALA(0.5), 4, 20, warmup_steps=10, initial=torch.zeros(4, 1))
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("PYRO_EBM_PROGRESS", "1")
+    mcmc.sample(pot, mcmc.MALA(0.5), 4, 20, warmup_steps=10, initial=torch.zeros(4, 1))
+    assert "accept=" in capsys.readouterr().err

@@ -87,7 +87,7 @@ def test_log_partition_estimate_and_stderr_match_closed_form():
     "kernel, steps, bias",
     [
         (mcmc.MALA(0.3), 150, 0.0),
-        (mcmc.HMC(0.3, num_leapfrog_steps=4), 60, 0.0),
+        (mcmc.HMC(0.3, num_steps=4), 60, 0.0),
         (mcmc.ULA(0.02), 300, 0.05),
         (mcmc.UnderdampedLangevin(0.2, friction=2.0), 150, 0.05),
     ],
