@@ -68,6 +68,11 @@ def test_kale_at_optimal_critic_matches_kl_closed_form():
     kale = KALE(gebm, adam(0.03), None, penalty=0.0, energy_floor=None, c_grad_clip=None)
     for _ in range(300):
         kale.critic_step(mu + s * torch.randn(2048, 1, dtype=D64))
+    # then a smaller step size: at lr 0.03, c jitters by about 0.04 around its optimum
+    # (seed-dependent), more than the tolerance below
+    kale.energy_optim = adam(0.003)
+    for _ in range(200):
+        kale.critic_step(mu + s * torch.randn(2048, 1, dtype=D64))
     # the optimum: -(E + c) = log N(x; mu, s^2) - log N(x; 0, 1)
     assert abs(gebm.energy.a.item() - (1 / (2 * s**2) - 0.5)) < 0.05
     assert abs(gebm.energy.b.item() + mu / s**2) < 0.05
@@ -141,7 +146,7 @@ def test_data_dimension_must_match_generator_output():
         kale.step(torch.randn(16, 3, dtype=D64))
     bad = torch.randn(16, 2, dtype=D64)
     bad[3, 1] = float("nan")
-    with pytest.raises(ValueError, match=r"data contains 1 non-finite value\(s\): NaN at index \(3, 1\)"):
+    with pytest.raises(ValueError, match=r"data \(step 1\) contains 1 non-finite .*NaN at index \(3, 1\)"):
         kale.step(bad)
     with pytest.raises(ValueError, match="batch"):
         kale.step(torch.randn(2, dtype=D64))
