@@ -49,6 +49,7 @@ __all__ = [
     "check_dtype",
     "check_guide_sites",
     "find_nonfinite",
+    "is_validation_error",
     "log_density",
     "module_of",
     "nonfinite_entry",
@@ -316,6 +317,16 @@ def check_dtype(v: torch.Tensor, fn, role: str = "model", name: str = "data") ->
     )
 
 
+_VALIDATION = ("Expected parameter", "Expected value argument")  # torch.distributions' messages
+
+
+def is_validation_error(err: BaseException) -> bool:
+    """Whether ``err`` is torch's distribution validation error (a distribution
+    built with invalid parameters, e.g. a NaN ``loc``), which names no site."""
+    causes = (err, err.__cause__)  # Pyro, and pyro_ebm's clearer errors, re-raise it from itself
+    return any(isinstance(e, ValueError) and str(e).startswith(_VALIDATION) for e in causes)
+
+
 def find_nonfinite(fn, args=(), kwargs=None, values=None, role: str = "model") -> str | None:
     """Run the Pyro callable ``fn`` once (no gradient, validation off), with its
     sample sites named in ``values`` set to those values, and describe the first
@@ -570,7 +581,7 @@ class EnergyView:
         dtypes, invalid distribution parameters), or ``None`` to re-raise as is."""
         original = err.__cause__ if isinstance(err.__cause__, type(err)) else err  # Pyro appends shapes
         message = str(original).splitlines()[0] if str(original) else type(original).__name__
-        validation = message.startswith(("Expected parameter", "Expected value argument"))
+        validation = is_validation_error(err)
         if isinstance(err, ValueError) and not validation:
             return None  # the model's or guide's own ValueError says what it means
         v = args[0] if args and torch.is_tensor(args[0]) else None

@@ -18,7 +18,7 @@ from ..energy import check_dtype, check_finite, check_guide_sites, require_repar
 from ..guides import GuideView
 from ..metrics import auroc
 from .bism import apply_grads, guide_parameters
-from .checks import at_step, check_batch, check_loss, describe_nonfinite
+from .checks import at_step, check_batch, check_loss, describe_nonfinite, diverged_if_invalid
 from .score_matching import energy_view
 from .unroll import UnrolledAdam, check_unrollable, functional, trainable_parameters
 
@@ -276,7 +276,7 @@ class BiDVL:
         key = (tuple(v.shape), v.dtype, v.device.type, len(args), tuple(sorted(kwargs)))
         if key in self._checked:
             return
-        with at_step(self.algorithm, where):
+        with at_step(self.algorithm, where, self._diagnose(v, args, kwargs)):
             self._check_models(v, args, kwargs)
         self._checked.add(key)
 
@@ -326,21 +326,19 @@ class BiDVL:
 
     def _diagnose(self, v, args, kwargs):
         """A ``diagnose()`` for :func:`~pyro_ebm.infer.checks.check_loss`: the first
-        NaN / Inf site of the encoder, the decoder or the energy model on ``v``,
+        NaN / Inf site of the energy model, the decoder or the encoder on ``v``,
         then of the energy model on the last decoder draws."""
         v = v.detach()
 
         def diagnose():
-            found = describe_nonfinite(v, args, kwargs, guide=self.encoder_guide, model=self.decoder_model,
-                                       guide_role="encoder guide", model_role="decoder model")
-            if not found.startswith("every site"):
-                return found
-            found = describe_nonfinite(v, args, kwargs, model=self.energy_model, model_role="energy model")
-            if found.startswith("every site") and self.last_samples is not None and not (args or kwargs):
-                draws = describe_nonfinite(self.last_samples, model=self.energy_model,
-                                           model_role="energy model")
-                if not draws.startswith("every site"):
-                    return draws + " on the decoder draws"
+            energy = dict(model=self.energy_model, model_role="energy model")
+            vae = dict(guide=self.encoder_guide, guide_role="encoder guide", model=self.decoder_model,
+                       model_role="decoder model")
+            found = describe_nonfinite(v, args, kwargs, **energy)
+            found = found or describe_nonfinite(v, args, kwargs, **vae)
+            if found is None and self.last_samples is not None and not (args or kwargs):
+                found = describe_nonfinite(self.last_samples, **energy)
+                found = found and found + " on the decoder draws"
             return found
 
         return diagnose
@@ -509,7 +507,8 @@ class BiDVL:
             ``energy_data`` (mean :math:`E` of the batch).
         """
         self._prepare(v, args, kwargs, f"step {self.num_steps + 1}")
-        with torch.enable_grad():
+        diverged = diverged_if_invalid(self.algorithm, self.num_steps + 1, self._diagnose(v, args, kwargs))
+        with torch.enable_grad(), diverged:
             lowers, terms = [], {}
             for k in range(self.lower_steps):
                 value, terms = self._lower_step(v, args, kwargs, k)

@@ -9,9 +9,10 @@ from contextlib import contextmanager
 
 import torch
 
-from ..energy import check_data, find_nonfinite
+from ..energy import check_data, find_nonfinite, is_validation_error
 
-__all__ = ["at_step", "check_batch", "check_loss", "check_losses", "describe_nonfinite"]
+__all__ = ["at_step", "check_batch", "check_loss", "check_losses", "describe_nonfinite",
+           "diverged_if_invalid"]
 
 
 def check_batch(v, where: str, name: str = "data") -> torch.Tensor:
@@ -22,42 +23,80 @@ def check_batch(v, where: str, name: str = "data") -> torch.Tensor:
 
 
 @contextmanager
-def at_step(algorithm: str, where: str):
+def at_step(algorithm: str, where: str, diagnose=None):
     """Re-raise a ``ValueError`` or ``TypeError`` from inside the block with the
-    algorithm and the step (or method) in front of its message."""
+    algorithm and the step (or method) in front of its message; torch's
+    distribution-validation error (which names no site) is replaced by
+    ``diagnose()``'s description of the NaN / Inf site, when it finds one."""
     try:
         yield
     except (ValueError, TypeError) as err:
-        raise type(err)(f"{algorithm} ({where}): {err}") from err
+        found = diagnose() if diagnose is not None and is_validation_error(err) else None
+        raise type(err)(f"{algorithm} ({where}): {found or _without_shapes(err)}") from err
+
+
+def _without_shapes(err) -> str:
+    """The message of ``err`` without the table of trace shapes Pyro appends when
+    an error passes through a traced run (it re-raises the error from itself)."""
+    cause = err.__cause__
+    if isinstance(cause, type(err)) and str(err).startswith(str(cause)):
+        return str(cause)
+    return str(err)
 
 
 def describe_nonfinite(v, args=(), kwargs=None, guide=None, model=None, values=None,
                        guide_role="guide", model_role="model") -> str:
-    """Which site of the guide or the model is NaN / Inf on the batch ``v`` (see
-    :func:`pyro_ebm.energy.find_nonfinite`): the guide first, then the model with
-    its latent sites at ``values`` (a dict, or a callable returning one, called
-    only when the guide is finite). Says so when every site is finite."""
+    """Which site of the model or the guide is NaN / Inf on the batch ``v`` (see
+    :func:`pyro_ebm.energy.find_nonfinite`). In order: the model with its latent
+    sites drawn from its own sampling statements (an energy that is NaN for
+    finite data shows here, before a guide it may have corrupted through NaN
+    gradients), the guide, then the model at the guide's draws ``values`` (a
+    dict, or a callable returning one, called only if needed); ``None`` when
+    every site is finite."""
     args = (v,) + tuple(args)
+    if model is not None:
+        found = find_nonfinite(model, args, kwargs, role=model_role)
+        if found:
+            return found
     if guide is not None:
         found = find_nonfinite(guide, args, kwargs, role=guide_role)
         if found:
             return found
-    if model is not None:
+    if model is not None and values is not None:
         if callable(values):
             with torch.no_grad():
                 values = values()
-        found = find_nonfinite(model, args, kwargs, values=values, role=model_role)
-        if found:
-            return found
-    return ("every site of the model and guide is finite on this batch, so the NaN / Inf arises "
-            "in a gradient (e.g. the score w.r.t. the data) or the objective")
+        return find_nonfinite(model, args, kwargs, values=values, role=model_role)
+    return None
+
+
+ALL_FINITE = ("every site of the model and guide is finite on this batch, so the NaN / Inf arises in a "
+              "gradient (e.g. the score w.r.t. the data) or in the objective")
+
+
+@contextmanager
+def diverged_if_invalid(algorithm: str, step: int, diagnose):
+    """Turn torch's distribution-validation error inside the block (NaN parameters
+    reaching a distribution mid-training, e.g. in Pyro's ``Trace_ELBO``) into a
+    divergence error naming the step and, by ``diagnose()``, the site."""
+    try:
+        yield
+    except ValueError as err:
+        if not is_validation_error(err):
+            raise
+        first = str(err.__cause__ or err).splitlines()[0]
+        raise ValueError(
+            f"{algorithm} diverged at step {step}: a distribution got invalid parameters ({first}); "
+            f"{diagnose() or ALL_FINITE}"
+        ) from err
 
 
 def check_loss(algorithm, step, where, value, diagnose=None):
     """Raise a ``ValueError`` naming the step when the float ``value`` is not
-    finite; ``diagnose()`` (if given) adds which site went non-finite."""
+    finite; ``diagnose()`` (if given) adds which site went non-finite (it
+    returns a description, or ``None`` when it finds every site finite)."""
     if not math.isfinite(value):
-        detail = f"; {diagnose()}" if diagnose is not None else ""
+        detail = f"; {diagnose() or ALL_FINITE}" if diagnose is not None else ""
         raise ValueError(f"{algorithm} diverged at step {step}: the {where} loss is {value}{detail}")
 
 

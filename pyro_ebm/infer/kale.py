@@ -262,7 +262,7 @@ class KALE:
     def _check_loss(self, which, loss, where, x, x_g):
         if not bool(torch.isfinite(loss)):
             raise RuntimeError(
-                f"KALE diverged at step {self.num_steps} ({where}): the {which} loss is "
+                f"KALE diverged at step {self.num_steps + 1} ({where}): the {which} loss is "
                 f"{loss.item()}; {self._diagnose(x, x_g)}; lower the learning rates, raise the "
                 "penalty or set energy_floor"
             )

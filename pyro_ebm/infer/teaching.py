@@ -14,7 +14,7 @@ from pyro.infer.util import zero_grads
 
 from ..energy import check_dtype, check_finite, find_nonfinite
 from ..mcmc.amortized import AmortizedLangevin
-from .checks import at_step, check_batch
+from .checks import at_step, check_batch, describe_nonfinite, diverged_if_invalid
 
 __all__ = ["MCMCTeaching"]
 
@@ -222,7 +222,14 @@ class MCMCTeaching:
             )
         self._like = torch.zeros_like(x[:1])
         x0 = self._initial_points(n, *args, **kwargs)
-        x_rev = self.sampler.revise(x0, *args, **kwargs)
+        try:
+            x_rev = self.sampler.revise(x0, *args, **kwargs)
+        except ValueError as err:  # e.g. a NaN potential: say which site is NaN
+            found = find_nonfinite(self.energy_model, (x0,) + tuple(args), kwargs, role="energy model")
+            if found is None:
+                raise
+            raise ValueError(f"MCMCTeaching ({where}): the Langevin revision of the decoder means failed "
+                             f"({str(err).splitlines()[0]}): {found} on the decoder means") from err
         self.last_init, self.last_revised = x0, x_rev
         return x0, x_rev
 
@@ -270,7 +277,12 @@ class MCMCTeaching:
     def vae_step(self, x_revised, *args, **kwargs):
         """One step of Pyro's ``SVI(vae_model, vae_guide, vae_optim, Trace_ELBO())``
         on the revised samples; returns the ELBO estimate (minus SVI's loss)."""
-        with torch.enable_grad():  # Pyro's SVI.step needs gradients, whatever the caller's mode
+        def diagnose():
+            return describe_nonfinite(x_revised, args, kwargs, guide=self.vae_guide, model=self.vae_model,
+                                      guide_role="VAE guide", model_role="VAE model")
+
+        # Pyro's SVI.step needs gradients, whatever the caller's mode
+        with torch.enable_grad(), diverged_if_invalid("MCMCTeaching", self.iteration + 1, diagnose):
             vae_loss = self.svi.step(x_revised, *args, **kwargs)
         self._check_value("VAE loss (-ELBO)", torch.as_tensor(vae_loss))
         return -float(vae_loss)
@@ -300,7 +312,7 @@ class MCMCTeaching:
         if not bool(torch.isfinite(value).all()):
             detail = f" ({diagnose()})" if diagnose is not None else ""
             raise ValueError(
-                f"{name} is {float(value.detach())} at teaching step {self.iteration}{detail}: training "
+                f"{name} is {float(value.detach())} at teaching step {self.iteration + 1}{detail}: training "
                 "diverged; lower the learning rates or the Langevin step size"
             )
 

@@ -184,5 +184,5 @@ def test_divergence_stops_with_the_step_named():
     kale.step(x)
     kale.step(x)
     gebm.energy.armed = True
-    with pytest.raises(RuntimeError, match=r"diverged at step 2 \(critic update 0\): the critic loss is nan"):
+    with pytest.raises(RuntimeError, match=r"diverged at step 3 \(critic update 0\): the critic loss is nan"):
         kale.step(x)
