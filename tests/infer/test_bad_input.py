@@ -224,3 +224,17 @@ def test_nan_from_the_energy_names_the_factor_and_the_step(name):
     message = str(info.value)
     assert ENERGY_SITE[name] in message, message
     assert "step 2" in message, message
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_steps_train_under_the_callers_no_grad(name):
+    """A step is a training step whatever the caller's grad mode (e.g. inside an
+    evaluation loop's torch.no_grad): it turns gradients on where it needs them."""
+    _, step, parts = make(name)
+    v = data()
+    step(v)  # creates every parameter
+    before = [p.detach().clone() for p in parts["energy"].parameters()]
+    with torch.no_grad():
+        step(v)
+    after = list(parts["energy"].parameters())
+    assert any(not torch.equal(a.detach(), b) for a, b in zip(after, before, strict=True))
