@@ -69,7 +69,9 @@ class KALE:
         parameters and :math:`c`, e.g. ``pyro.optim.Adam({"lr": 1e-4})``.
     :param generator_optim: optimizer of the generator's parameters, or
         ``None`` to keep the base fixed (e.g. a flow trained by maximum
-        likelihood) and train the energy alone.
+        likelihood) and train the energy alone. A generator without trainable
+        parameters (``torch.nn.Identity()``: a plain EBM on a Gaussian base) is
+        fixed too; its update is skipped and its loss still reported.
     :type generator_optim: pyro.optim.PyroOptim or None
     :param int critic_steps: critic updates per generator update.
     :param int warmup_critic_steps: critic updates before the first generator
