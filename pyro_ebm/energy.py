@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import math
 import weakref
+from collections.abc import Mapping
 from typing import Callable, NamedTuple
 
 import pyro
@@ -37,7 +38,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import biject_to
+from torch.distributions import biject_to, constraints
 
 __all__ = [
     "EnergyView",
@@ -45,9 +46,15 @@ __all__ = [
     "SiteInfo",
     "check_data",
     "check_finite",
+    "check_dtype",
     "check_guide_sites",
+    "find_nonfinite",
+    "is_validation_error",
     "log_density",
+    "module_of",
+    "nonfinite_entry",
     "require_reparameterized",
+    "site_info",
 ]
 
 DATA_PLATE = "data"
@@ -67,30 +74,42 @@ class SiteInfo(NamedTuple):
     dist_name: str
 
 
-def check_finite(name: str, value: torch.Tensor) -> None:
-    """Raise a ``ValueError`` naming ``name`` and the first bad index when ``value``
-    holds NaN or Inf."""
+def _first_nonfinite(value):
+    """``(kind, index, count)`` of the first NaN / Inf entry of a floating-point
+    tensor (kind ``"NaN"`` or ``"Inf"``), or ``None`` when every entry is finite."""
     if not torch.is_tensor(value) or not value.is_floating_point():
-        return
+        return None
+    value = value.detach()
     if bool(torch.isfinite(value).all()):  # one reduction on the fast path
-        return
+        return None
     bad = ~torch.isfinite(value)
     index = tuple(int(i) for i in bad.nonzero()[0])
     kind = "NaN" if bool(torch.isnan(value[index])) else "Inf"
-    raise ValueError(
-        f"{name} contains {int(bad.sum())} non-finite value(s): {kind} at index {index} "
-        f"(shape {tuple(value.shape)})"
-    )
+    return kind, index, int(bad.sum())
 
 
-def check_data(v, name: str = "data", *, min_dim: int = 2) -> torch.Tensor:
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """Raise a ``ValueError`` naming ``name`` and the first bad index when ``value``
+    holds NaN or Inf."""
+    found = _first_nonfinite(value)
+    if found is not None:
+        kind, index, count = found
+        raise ValueError(
+            f"{name} contains {count} non-finite value(s): {kind} at index {index} "
+            f"(shape {tuple(value.shape)})"
+        )
+
+
+def check_data(v, name: str = "data", *, min_dim: int = 2, finite: bool = True) -> torch.Tensor:
     """Validate a batch of data and return it: a floating-point ``torch.Tensor``
     with a non-empty leading batch dimension, finite, and small enough that
     squared terms of an energy do not overflow its dtype.
 
     Raises a ``TypeError`` (not a tensor, not floating point) or a ``ValueError``
     (no batch dim, an empty batch, NaN/Inf with its index, overflow) that names
-    ``name``. One ``isfinite`` reduction and one ``abs().max()`` on the fast path.
+    ``name``. One reduction (``abs().max()``) and one host sync on the fast path;
+    ``finite=False`` skips them (type and shape only, no sync), for code that
+    runs many times on data a trainer has checked already (e.g. a guide).
     """
     if not torch.is_tensor(v):
         kind = type(v).__name__
@@ -110,10 +129,14 @@ def check_data(v, name: str = "data", *, min_dim: int = 2) -> torch.Tensor:
         )
     if v.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (shape {tuple(v.shape)}): pass at least one item")
-    check_finite(name, v)
+    if not finite:
+        return v
     limit = math.sqrt(torch.finfo(v.dtype).max)
+    # one reduction and one host sync: the max of |v| is NaN when v holds a NaN
+    # and above the limit when it holds an Inf or overflows
     peak = v.detach().abs().max()
-    if bool(peak > limit):
+    if not bool(peak <= limit):
+        check_finite(name, v)  # NaN / Inf: name the first bad index
         raise ValueError(
             f"{name} overflows {v.dtype}: its largest magnitude is {float(peak):.3g}, above "
             f"{limit:.3g} (the square root of the dtype's largest value), so squared terms of "
@@ -144,12 +167,43 @@ def require_reparameterized(sites, why: str) -> None:
         )
 
 
+def site_info(name: str, site) -> SiteInfo | None:
+    """A :class:`SiteInfo` from a :class:`SiteInfo` (returned as is) or a Pyro
+    trace-site dict; ``None`` for anything else (e.g. a bare site name)."""
+    if isinstance(site, SiteInfo):
+        return site
+    if not (isinstance(site, dict) and "fn" in site and "value" in site):
+        return None
+    fn, value = site["fn"], site["value"]
+    return SiteInfo(
+        name=name,
+        shape=value.shape if torch.is_tensor(value) else torch.Size(),
+        batch_ndim=len(fn.batch_shape),
+        event_dim=fn.event_dim,
+        support=fn.support,
+        is_discrete=bool(fn.support.is_discrete),
+        has_rsample=bool(fn.has_rsample),
+        dist_name=type(_base(fn)).__name__,
+    )
+
+
 def check_guide_sites(model_latents, guide_sites) -> None:
     """Raise a ``ValueError`` naming the sites by which a guide's sample sites differ
-    from the model's latent sites."""
-    model_latents, guide_sites = set(model_latents), set(guide_sites)
-    missing = sorted(model_latents - guide_sites)
-    extra = sorted(guide_sites - model_latents)
+    from the model's latent sites.
+
+    Both arguments are iterables of site names or, for the full check, mappings
+    from name to :class:`SiteInfo` or trace-site dict (one run each, on the same
+    data). With mappings, each shared site must also have the same shape in the
+    guide as in the model, and the guide's draws must lie where the model's
+    log-density is defined: within the model's support for a continuous site;
+    for a discrete model site, either a discrete guide or a continuous
+    relaxation whose support lies within the convex hull of the model's (binary
+    sites: values in [0, 1], as :class:`~pyro_ebm.guides.ConcreteBernoulli`
+    draws them). A ``ValueError`` names the site, both shapes or both supports.
+    """
+    names_m, names_g = set(model_latents), set(guide_sites)
+    missing = sorted(names_m - names_g)
+    extra = sorted(names_g - names_m)
     if missing or extra:
         parts = []
         if missing:
@@ -158,8 +212,170 @@ def check_guide_sites(model_latents, guide_sites) -> None:
             parts.append(f"has site(s) {extra} that are not latent sites of the model")
         raise ValueError(
             "the guide does not match the model: it is " + " and ".join(parts)
-            + f" (model latent sites: {sorted(model_latents)})"
+            + f" (model latent sites: {sorted(names_m)})"
         )
+    if not (isinstance(model_latents, Mapping) and isinstance(guide_sites, Mapping)):
+        return
+    for name in sorted(names_m):
+        m, g = site_info(name, model_latents[name]), site_info(name, guide_sites[name])
+        if m is None or g is None:
+            continue
+        if m.shape != g.shape:
+            raise ValueError(
+                f"guide site '{name}' has shape {tuple(g.shape)}, but the model's latent site '{name}' "
+                f"has shape {tuple(m.shape)} on the same data: the guide must draw values of the "
+                "model's site shape (check the guide's latent dimension)"
+            )
+        _check_supports(m, g)
+
+
+def _check_supports(m: SiteInfo, g: SiteInfo) -> None:
+    """The support rule of :func:`check_guide_sites` for one site."""
+    m_hull, g_hull = _hull(m.support), _hull(g.support)
+    known = m_hull is not None and g_hull is not None
+    if m.is_discrete:
+        if g.is_discrete or (known and _within(g_hull, m_hull)):
+            return  # a discrete guide, or a continuous relaxation of the site
+        raise ValueError(
+            f"the model's latent site '{m.name}' is discrete ({m.dist_name}, support "
+            f"{_support_name(m.support)}), but the guide draws it from a continuous {g.dist_name} "
+            f"(support {_support_name(g.support)}): the model's log-density is not defined at those "
+            "values. Use a discrete guide, or a continuous relaxation whose support lies within "
+            f"the hull of the model's (for a binary site, values in [0, 1], e.g. AmortizedBernoulli)"
+        )
+    if not g.is_discrete and known and not _within(g_hull, m_hull):
+        raise ValueError(
+            f"guide site '{g.name}' draws from {g.dist_name} with support {_support_name(g.support)}, "
+            f"which is not within the support {_support_name(m.support)} of the model's latent site "
+            f"'{m.name}' ({m.dist_name}): the model's log-density is -inf outside it; use a guide "
+            "distribution on the model's support (e.g. a LogNormal for a positive site)"
+        )
+
+
+def _unwrap_support(c):
+    while isinstance(c, constraints.independent):
+        c = c.base_constraint
+    return c
+
+
+def _support_name(c) -> str:
+    return repr(_unwrap_support(c))
+
+
+def _hull(c):
+    """The convex hull of a support: ``(low, high)`` for interval-like supports,
+    ``"simplex"`` for the simplex and one-hot vectors, ``None`` when unknown."""
+    c = _unwrap_support(c)
+    if isinstance(c, type(constraints.boolean)):
+        return (0.0, 1.0)
+    if isinstance(c, (type(constraints.simplex), type(constraints.one_hot))):
+        return "simplex"
+    if isinstance(c, type(constraints.real)):
+        return (-math.inf, math.inf)
+    low, high = getattr(c, "lower_bound", None), getattr(c, "upper_bound", None)
+    if low is None and high is None:
+        return None
+    try:  # tensor-valued bounds with several entries: unknown
+        return (-math.inf if low is None else float(low), math.inf if high is None else float(high))
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _within(inner, outer) -> bool:
+    if inner == "simplex" or outer == "simplex":
+        return inner == outer
+    return inner[0] >= outer[0] and inner[1] <= outer[1]
+
+
+def module_of(fn) -> torch.nn.Module | None:
+    """The ``nn.Module`` behind a Pyro callable: the module itself or the owner of
+    a bound method (e.g. ``grbm.marginal``); ``None`` for a plain function."""
+    if isinstance(fn, torch.nn.Module):
+        return fn
+    owner = getattr(fn, "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else None
+
+
+def check_dtype(v: torch.Tensor, fn, role: str = "model", name: str = "data") -> None:
+    """Raise a ``TypeError`` when ``fn`` is (or is a method of) an ``nn.Module``
+    whose floating-point parameters all have a dtype other than the data's,
+    naming both dtypes and the conversion that fixes it."""
+    module = module_of(fn)
+    if module is None or not torch.is_tensor(v):
+        return
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    if not dtypes or v.dtype in dtypes:
+        return
+    theirs = sorted(dtypes, key=str)[0]
+    to_module = {torch.float64: ".double()", torch.float32: ".float()", torch.float16: ".half()"}.get(
+        v.dtype, f".to({v.dtype})")
+    to_data = {torch.float64: ".double()", torch.float32: ".float()", torch.float16: ".half()"}.get(
+        theirs, f".to({theirs})")
+    raise TypeError(
+        f"{name} has dtype {v.dtype}, but the {role}'s parameters ({type(module).__name__}) have dtype "
+        f"{theirs}: convert one to match the other, e.g. {role}{to_module} or {name}{to_data}"
+    )
+
+
+_VALIDATION = ("Expected parameter", "Expected value argument")  # torch.distributions' messages
+
+
+def is_validation_error(err: BaseException) -> bool:
+    """Whether ``err`` is torch's distribution validation error (a distribution
+    built with invalid parameters, e.g. a NaN ``loc``), which names no site."""
+    causes = (err, err.__cause__)  # Pyro, and pyro_ebm's clearer errors, re-raise it from itself
+    return any(isinstance(e, ValueError) and str(e).startswith(_VALIDATION) for e in causes)
+
+
+def find_nonfinite(fn, args=(), kwargs=None, values=None, role: str = "model") -> str | None:
+    """Run the Pyro callable ``fn`` once (no gradient, validation off), with its
+    sample sites named in ``values`` set to those values, and describe the first
+    site whose distribution parameters, value or log-density hold NaN or Inf,
+    e.g. ``"guide site 'h': the loc of its Normal is NaN at index (0, 0)"`` or
+    ``"model factor 'energy': NaN at index (3,)"``; ``None`` if every site is finite.
+
+    For diagnosing a non-finite loss after the fact: it is not on any fast path.
+    """
+    run = poutine.condition(fn, data=values) if values else fn
+    try:
+        with torch.no_grad(), pyro.validation_enabled(False):
+            trace = poutine.trace(run).get_trace(*args, **(kwargs or {}))
+    except Exception as err:  # noqa: BLE001 - a diagnosis reports whatever failed
+        return f"running the {role} raised {type(err).__name__}: {str(err).splitlines()[0]}"
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
+            continue
+        fn_, base = site["fn"], _base(site["fn"])
+        if site["is_observed"] and site["infer"].get("is_auxiliary") and isinstance(base, dist.Unit):
+            found = _first_nonfinite(fn_.log_prob(site["value"]))
+            if found:
+                return f"{role} factor '{name}': {_describe(found)}"
+            continue
+        label = f"{role} site '{name}'"
+        for param in getattr(base, "arg_constraints", {}):
+            found = _first_nonfinite(vars(base).get(param))  # only parameters set, not derived
+            if found:
+                return f"{label}: the {param} of its {type(base).__name__} is {_describe(found)}"
+        found = _first_nonfinite(site["value"])
+        if found:
+            return f"{label}: its value is {_describe(found)}"
+        found = _first_nonfinite(fn_.log_prob(site["value"]))
+        if found:
+            return f"{label}: its log-density is {_describe(found)}"
+    return None
+
+
+def _describe(found) -> str:
+    kind, index, count = found
+    more = f" ({count} non-finite entries in all)" if count > 1 else ""
+    return f"{kind} at index {index}{more}"
+
+
+def nonfinite_entry(value) -> str | None:
+    """``"NaN at index (i, j)"`` (or Inf, with the count when several) for the
+    first non-finite entry of a floating-point tensor; ``None`` when all are finite."""
+    found = _first_nonfinite(value)
+    return _describe(found) if found else None
 
 
 def _base(fn):
@@ -257,18 +473,37 @@ class EnergyView:
     time the view is used with arguments of given shapes and cached; later calls
     run the model under one light handler, with Pyro's argument validation off.
 
+    **The cache key.** Tensor arguments are keyed by shape, dtype and device;
+    every other argument by value: numbers, strings, ``None`` and any hashable
+    object (a frozen dataclass, a named tuple, an enum) by its hash and
+    equality, together with its type; tuples, lists and dicts entry by entry.
+    So two configuration objects that differ get their own structures, and an
+    object whose class keeps the default identity hash is keyed by identity
+    (the key holds it, so its id is never reused; changed in place, it keeps
+    its first structure: pass a new object instead). An argument that is neither
+    (an unhashable object, e.g. a mutable dataclass) is refused with a
+    ``TypeError``: it could change between calls without the view noticing.
+
+    If the first (validated) run fails inside torch, the error is re-raised
+    naming the data's shape and dtype and the last site the model reached: a
+    ``ValueError`` for a shape mismatch, a ``TypeError`` for a dtype mismatch.
+
     :param callable model: a Pyro model whose first argument is the data ``v``
         (inside ``pyro.plate("data", len(v))``), or any Pyro model for
         :meth:`latent_potential`.
+    :param bool weak: hold the model by a weak reference (for cached views).
+    :param str role: what the callable is, for error messages (``"model"`` or
+        ``"guide"``).
 
     >>> view = EnergyView(grbm)
-    >>> s = view.score(v, {"h": h})          # ∇_v log p̃(v, h), shape of v
-    >>> lp = view.log_density(v, {"h": h}, per_item=True)   # shape (len(v),)
+    >>> s = view.score(v, values={"h": h})          # ∇_v log p̃(v, h), shape of v
+    >>> lp = view.log_density(v, values={"h": h}, per_item=True)   # shape (len(v),)
     """
 
-    def __init__(self, model: Callable, weak: bool = False):
+    def __init__(self, model: Callable, weak: bool = False, role: str = "model"):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
+        self.role = role
         if weak:  # a cached view must not keep its model (the cache's key) alive
             self._model_ref = weakref.WeakMethod(model) if inspect.ismethod(model) else weakref.ref(model)
         else:
@@ -286,8 +521,8 @@ class EnergyView:
 
     def structure(self, *args, **kwargs) -> _Structure:
         """The model's structure for arguments of these shapes (traced once)."""
-        key = tuple(_shape_key(a) for a in args) + tuple(
-            (k, _shape_key(a)) for k, a in sorted(kwargs.items())
+        key = tuple(_shape_key(a, f"argument {i}") for i, a in enumerate(args)) + tuple(
+            (k, _shape_key(a, f"argument '{k}'")) for k, a in sorted(kwargs.items())
         )
         found = self._structures.get(key)
         if found is None:
@@ -296,9 +531,16 @@ class EnergyView:
 
     def _trace_structure(self, args, kwargs) -> _Structure:
         for i, a in enumerate(args):
-            check_finite(f"model argument {i}" if i else "data", a)
-        with pyro.validation_enabled(True):
-            trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+            check_finite(f"{self.role} argument {i}" if i else "data", a)
+        tracer = poutine.trace(self.model)
+        try:
+            with pyro.validation_enabled(True):
+                trace = tracer.get_trace(*args, **kwargs)
+        except (RuntimeError, ValueError) as err:
+            explained = self._explain_failure(err, tracer.trace, args, kwargs)
+            if explained is None:
+                raise
+            raise explained from err
         latents, factors, observed, nesting = {}, [], [], 0
         plate_dims = {}
         for name, site in trace.nodes.items():
@@ -316,17 +558,7 @@ class EnergyView:
                 elif not site["infer"].get("_deterministic"):
                     observed.append(name)
                 continue
-            value = site["value"]
-            latents[name] = SiteInfo(
-                name=name,
-                shape=value.shape,
-                batch_ndim=len(fn.batch_shape),
-                event_dim=fn.event_dim,
-                support=fn.support,
-                is_discrete=bool(fn.support.is_discrete),
-                has_rsample=bool(fn.has_rsample),
-                dist_name=type(_base(fn)).__name__,
-            )
+            latents[name] = site_info(name, site)
         data_dim = None
         if DATA_PLATE in plate_dims:
             data_dim = plate_dims[DATA_PLATE][0]
@@ -343,6 +575,40 @@ class EnergyView:
                     if data_dim not in dims:
                         global_sites.append(name)
         return _Structure(latents, tuple(factors), tuple(observed), nesting, data_dim, tuple(global_sites))
+
+    def _explain_failure(self, err, partial, args, kwargs):
+        """A clearer error for a first run that failed inside torch (shapes,
+        dtypes, invalid distribution parameters), or ``None`` to re-raise as is."""
+        original = err.__cause__ if isinstance(err.__cause__, type(err)) else err  # Pyro appends shapes
+        message = str(original).splitlines()[0] if str(original) else type(original).__name__
+        validation = is_validation_error(err)
+        if isinstance(err, ValueError) and not validation:
+            return None  # the model's or guide's own ValueError says what it means
+        v = args[0] if args and torch.is_tensor(args[0]) else None
+        data = f"data of shape {tuple(v.shape)} and dtype {v.dtype}" if v is not None else "its arguments"
+        reached = [name for name, site in partial.nodes.items()
+                   if site["type"] == "sample" and not site_is_subsample(site)]
+        if reached:
+            last = partial.nodes[reached[-1]]["value"]
+            shape = f", shape {tuple(last.shape)}" if torch.is_tensor(last) else ""
+            where = f"after its site '{reached[-1]}'{shape} (the last site it reached)"
+        else:
+            where = "before its first sample site"
+        if validation:
+            found = find_nonfinite(self.model, args, kwargs, role=self.role)
+            if found is not None:
+                return ValueError(f"{found} (on {data})")
+            return ValueError(f"the {self.role} built an invalid distribution {where} on {data}: {message}")
+        if "dtype" in message or "scalar type" in message:
+            return TypeError(
+                f"the {self.role} failed on {data} {where}: {message}. Its tensors have another dtype "
+                f"than the data: convert the {self.role} (e.g. .double() / .float()) or the data so "
+                "they match"
+            )
+        return ValueError(
+            f"the {self.role} failed on {data} {where}: {message}. Check that the data's shape "
+            f"(its feature dimension) is the one the {self.role} expects"
+        )
 
     # -- densities -------------------------------------------------------
 
@@ -382,10 +648,11 @@ class EnergyView:
         """
         if validate:
             self._check_data(v)
-        if not v.requires_grad:
-            v = v.detach().requires_grad_(True)
-        lp = self.log_density(v, *args, values=values, **kwargs)
-        return self._grad_v(lp, v, create_graph)
+        with torch.enable_grad():  # a gradient w.r.t. the data, whatever the caller's grad mode
+            if not v.requires_grad:
+                v = v.detach().requires_grad_(True)
+            lp = self.log_density(v, *args, values=values, **kwargs)
+            return self._grad_v(lp, v, create_graph)
 
     def _grad_v(self, lp, v, create_graph):
         grad = None
@@ -513,12 +780,25 @@ class LatentPotential:
         return self.pack(values)
 
 
-def _shape_key(a):
+def _shape_key(a, where="argument"):
+    """The cache key of one model argument (see :class:`EnergyView`)."""
     if torch.is_tensor(a):
         return ("tensor", tuple(a.shape), a.dtype, a.device.type)
-    if isinstance(a, (int, float, str, bool, type(None))):
-        return a
-    return type(a).__name__
+    if isinstance(a, (tuple, list)):
+        return (type(a), tuple(_shape_key(x, where) for x in a))
+    if isinstance(a, dict):
+        items = sorted(a.items(), key=lambda kv: repr(kv[0]))
+        return (dict, tuple((k, _shape_key(x, where)) for k, x in items))
+    try:
+        hash(a)
+    except TypeError:
+        raise TypeError(
+            f"model {where} of type {type(a).__name__} is not hashable, so the energy view cannot "
+            "tell whether two calls with it share one model structure; pass a hashable value "
+            "(e.g. a @dataclass(frozen=True) or a tuple) or tensors"
+        ) from None
+    # the type too: 1, 1.0 and True are equal but may build different models
+    return (type(a), a)
 
 
 def _pad_chain_value(value, info, nesting):

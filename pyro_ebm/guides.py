@@ -23,7 +23,7 @@ from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 from torch.func import functional_call
 
-from .energy import EnergyView, log_density
+from .energy import EnergyView, check_data, log_density
 from .infer.unroll import functional
 
 __all__ = ["AmortizedBernoulli", "AmortizedNormal", "ConcreteBernoulli", "GuideView"]
@@ -114,12 +114,6 @@ def _register(guide):
     pyro.module(guide._pyro_get_fullname("encoder"), guide.encoder)
 
 
-def _check_data(v, where):
-    if not torch.is_tensor(v) or v.dim() < 2:
-        shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
-        raise ValueError(f"{where} needs data of shape (batch, *event), got {shape}")
-
-
 class AmortizedNormal(PyroModule):
     r"""A diagonal Gaussian posterior whose mean and scale an encoder computes from the data:
 
@@ -160,7 +154,8 @@ class AmortizedNormal(PyroModule):
 
     def params(self, v):
         """The encoder's ``(loc, scale)`` at ``v``, validated."""
-        _check_data(v, f"AmortizedNormal('{self.site}')")
+        # type and shape only: trainers check the values once per batch, and this runs per step
+        check_data(v, f"the data of AmortizedNormal('{self.site}')", finite=False)
         out = self.encoder(v)
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise ValueError(f"the encoder of site '{self.site}' must return a pair (loc, scale)")
@@ -236,7 +231,7 @@ class AmortizedBernoulli(PyroModule):
 
     def logits(self, v):
         """Logits :math:`\\ell = \\text{encoder}(v)`, shape ``(N, H)``."""
-        _check_data(v, f"AmortizedBernoulli('{self.site}')")
+        check_data(v, f"the data of AmortizedBernoulli('{self.site}')", finite=False)
         x = v.reshape(v.shape[0], -1) if self._flatten else v
         if self._flatten and x.shape[1] != self.visible_dim:
             raise ValueError(
@@ -300,7 +295,7 @@ class GuideView:
             raise TypeError(f"guide must be callable, got {type(guide).__name__}")
         self.guide = guide
         self.weights = None
-        self.view = EnergyView(self._call)
+        self.view = EnergyView(self._call, role="guide")
         self.direct = isinstance(guide, torch.nn.Module) and callable(getattr(guide, "conditionals", None))
         self._conditionals = _Conditionals(guide) if self.direct else None
 

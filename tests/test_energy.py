@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pyro
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from pyro_ebm.energy import EnergyView, check_guide_sites, log_density, require_reparameterized
+from pyro_ebm.models import GaussianRBM
 
 
 def gaussian_latent_model(v, a=0.7):
@@ -211,3 +213,205 @@ def test_check_data_keeps_large_float64():
 
     v = torch.tensor([[1e30]], dtype=torch.float64)  # fine in double precision
     assert check_data(v) is v
+
+
+def test_check_data_tells_inf_from_overflow():
+    from pyro_ebm.energy import check_data
+
+    with pytest.raises(ValueError, match=re.escape("Inf at index (1, 0)")):
+        check_data(torch.tensor([[0.0, 1.0], [float("-inf"), 2.0]]))
+    # finite=False: type and shape only (for a guide that runs many times per step)
+    nan = torch.tensor([[float("nan")]])
+    assert check_data(nan, finite=False) is nan
+    with pytest.raises(ValueError, match="empty batch"):
+        check_data(torch.zeros(0, 2), finite=False)
+
+
+# -- the structure cache: non-tensor arguments are keyed by value ------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    hidden: int
+
+
+@dataclass
+class MutableConfig:
+    hidden: int
+
+
+def configured_model(v, config):
+    """A latent of config.hidden units: the structure depends on the config's value."""
+    with pyro.plate("data", v.shape[0]):
+        h = pyro.sample("h", dist.Normal(v.new_zeros(config.hidden), 1.0).to_event(1))
+        pyro.factor("energy", -0.5 * (v**2).sum(-1) - h.sum(-1))
+
+
+def test_two_configs_of_one_class_get_their_own_structures():
+    """Keyed by type name alone, the second config reused the first's structure
+    (latent shape (4, 2)); keyed by value, each has its own."""
+    view = EnergyView(configured_model)
+    v = torch.randn(4, 3)
+    assert view.structure(v, Config(2)).latents["h"].shape == (4, 2)
+    assert view.structure(v, Config(5)).latents["h"].shape == (4, 5)
+    assert view.structure(v, Config(2)) is view.structure(v, Config(2))  # equal values share one
+    h = torch.randn(4, 5)
+    expected = dist.Normal(0.0, 1.0).log_prob(h).sum() - 0.5 * (v**2).sum() - h.sum()
+    assert torch.allclose(view.log_density(v, Config(5), values={"h": h}), expected, atol=1e-5)
+
+
+def test_plain_objects_are_keyed_by_identity_and_unhashable_ones_refused():
+    class Plain:  # default (identity) hash
+        def __init__(self, hidden):
+            self.hidden = hidden
+
+    view = EnergyView(configured_model)
+    v = torch.randn(4, 3)
+    a, b = Plain(2), Plain(6)
+    assert view.structure(v, a).latents["h"].shape == (4, 2)
+    assert view.structure(v, b).latents["h"].shape == (4, 6)
+    # containers are keyed entry by entry: a tuple holding a tensor is keyed by its shape
+    assert EnergyView(lambda v, extra: quadratic_model(v)).structure(v, (torch.zeros(2),)) is not None
+    with pytest.raises(TypeError, match=r"argument 1 of type MutableConfig is not hashable.*frozen=True"):
+        view.structure(v, MutableConfig(2))
+    # 1 and True are equal but keyed apart
+    flags = EnergyView(lambda v, k: quadratic_model(v))
+    assert flags.structure(v, 1) is not flags.structure(v, True)
+
+
+# -- guide sites against model sites: names, shapes, supports -----------------------
+
+
+def _sites(model, v):
+    return EnergyView(model).structure(v).latents
+
+
+def bernoulli_model(v):
+    with pyro.plate("data", v.shape[0]):
+        h = pyro.sample("h", dist.Bernoulli(0.5 * v.new_ones(3)).to_event(1))
+        pyro.factor("energy", -(v.sum(-1, keepdim=True) * h).sum(-1))
+
+
+def positive_model(v):
+    with pyro.plate("data", v.shape[0]):
+        h = pyro.sample("h", dist.Gamma(v.new_ones(3), 1.0).to_event(1))
+        pyro.factor("energy", -(v.sum(-1, keepdim=True) * h).sum(-1))
+
+
+def normal_guide(v):
+    with pyro.plate("data", v.shape[0]):
+        pyro.sample("h", dist.Normal(v.new_zeros(3), 1.0).to_event(1))
+
+
+def relaxed_guide(v):
+    from pyro_ebm.guides import ConcreteBernoulli
+
+    with pyro.plate("data", v.shape[0]):
+        pyro.sample("h", ConcreteBernoulli(v.new_zeros(3), 0.1).to_event(1))
+
+
+def bernoulli_guide(v):
+    with pyro.plate("data", v.shape[0]):
+        pyro.sample("h", dist.Bernoulli(0.3 * v.new_ones(3)).to_event(1))
+
+
+def lognormal_guide(v):
+    with pyro.plate("data", v.shape[0]):
+        pyro.sample("h", dist.LogNormal(v.new_zeros(3), 1.0).to_event(1))
+
+
+def wide_guide(v):
+    with pyro.plate("data", v.shape[0]):
+        pyro.sample("h", dist.Normal(v.new_zeros(4), 1.0).to_event(1))
+
+
+def test_discrete_model_site_with_a_continuous_guide_is_refused():
+    v = torch.randn(5, 2)
+    with pytest.raises(ValueError) as info:
+        check_guide_sites(_sites(bernoulli_model, v), _sites(normal_guide, v))
+    message = str(info.value)
+    assert "latent site 'h' is discrete (Bernoulli, support Boolean())" in message, message
+    assert "continuous Normal (support Real())" in message, message
+    # a relaxation inside the hull [0, 1] and a discrete guide are fine
+    check_guide_sites(_sites(bernoulli_model, v), _sites(relaxed_guide, v))
+    check_guide_sites(_sites(bernoulli_model, v), _sites(bernoulli_guide, v))
+
+
+def test_guide_outside_a_continuous_support_and_wrong_shape_are_refused():
+    v = torch.randn(5, 2)
+    with pytest.raises(ValueError, match=r"guide site 'h' draws from Normal with support Real\(\), which is "
+                                         r"not within the support GreaterThanEq\(lower_bound=0.0\) of the "
+                                         r"model's latent site 'h' \(Gamma\)"):
+        check_guide_sites(_sites(positive_model, v), _sites(normal_guide, v))
+    check_guide_sites(_sites(positive_model, v), _sites(lognormal_guide, v))
+    v = torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"guide site 'h' has shape \(5, 4\), but the model's latent site "
+                                         r"'h' has shape \(5, 3\)"):
+        check_guide_sites(_sites(gaussian_latent_model, v), _sites(wide_guide, v))
+    # names only (no site information): the name check alone, as before
+    check_guide_sites(["h"], ["h"])
+
+
+# -- errors of the first run, NaN diagnosis, grad mode ---------------------------------
+
+
+def test_first_run_shape_and_dtype_errors_name_the_data_and_the_site():
+    linear = torch.nn.Linear(2, 1)
+
+    def model(v):
+        with pyro.plate("data", v.shape[0]):
+            h = pyro.sample("h", dist.Normal(v.new_zeros(2), 1.0).to_event(1))
+            pyro.factor("energy", -linear(v).squeeze(-1) - h.sum(-1))
+
+    with pytest.raises(ValueError, match=r"the model failed on data of shape \(4, 3\) and dtype "
+                                         r"torch.float32 after its site 'h', shape \(4, 2\).*4x3 and 2x1"):
+        EnergyView(model).structure(torch.randn(4, 3))
+    with pytest.raises(TypeError, match=r"data of shape \(4, 2\) and dtype torch.float64.*dtype"):
+        EnergyView(model).structure(torch.randn(4, 2, dtype=torch.float64))
+    # a model's own ValueError passes through as it is
+    with pytest.raises(ValueError, match="GaussianRBM has visible_dim=2"):
+        EnergyView(GaussianRBM(2, 3)).structure(torch.randn(4, 3))
+
+
+def test_first_run_with_a_nan_parameter_names_the_site():
+    def guide(v):
+        with pyro.plate("data", v.shape[0]):
+            pyro.sample("h", dist.Normal(v * float("nan"), 1.0).to_event(1))
+
+    expected = "guide site 'h': the loc of its Normal is NaN at index (0, 0) (8 non-finite entries in all)"
+    with pytest.raises(ValueError, match=re.escape(expected + " (on data of shape (4, 2)")):
+        EnergyView(guide, role="guide").structure(torch.randn(4, 2))
+
+
+def test_find_nonfinite_names_the_factor_and_the_index():
+    from pyro_ebm.energy import find_nonfinite
+
+    def model(v):
+        with pyro.plate("data", v.shape[0]):
+            pyro.factor("energy", -torch.sqrt(v[:, 0]))  # NaN where v < 0
+
+    v = torch.tensor([[1.0], [4.0], [-1.0]])
+    assert find_nonfinite(model, (v,)) == "model factor 'energy': NaN at index (2,)"
+    assert find_nonfinite(model, (v.abs(),)) is None
+    inf = {"h": torch.full((3, 2), math.inf)}
+    assert (find_nonfinite(gaussian_latent_model, (torch.randn(3, 2),), values=inf)
+            == "model site 'h': its value is Inf at index (0, 0) (6 non-finite entries in all)")
+
+
+def test_check_dtype_names_both_dtypes_and_the_fix():
+    from pyro_ebm.energy import check_dtype
+
+    grbm = GaussianRBM(2, 3)
+    with pytest.raises(TypeError, match=re.escape("data has dtype torch.float64, but the model's parameters "
+                                                  "(GaussianRBM) have dtype torch.float32")) as info:
+        check_dtype(torch.zeros(1, 2, dtype=torch.float64), grbm.marginal)
+    assert "model.double() or data.float()" in str(info.value)
+    check_dtype(torch.zeros(1, 2), grbm.marginal)
+    check_dtype(torch.zeros(1, 2, dtype=torch.float64), quadratic_model)  # a function: nothing to compare
+
+
+def test_score_works_under_no_grad():
+    v = torch.randn(4, 3)
+    with torch.no_grad():
+        s = EnergyView(quadratic_model).score(v)
+    assert torch.allclose(s, -v)

@@ -14,10 +14,11 @@ from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from pyro.poutine.util import site_is_subsample
 
-from ..energy import check_finite, check_guide_sites, require_reparameterized
+from ..energy import check_dtype, check_finite, check_guide_sites, require_reparameterized
 from ..guides import GuideView
 from ..metrics import auroc
-from .bism import apply_grads, check_loss, guide_parameters
+from .bism import apply_grads, guide_parameters
+from .checks import at_step, check_batch, check_loss, describe_nonfinite, diverged_if_invalid
 from .score_matching import energy_view
 from .unroll import UnrolledAdam, check_unrollable, functional, trainable_parameters
 
@@ -270,11 +271,19 @@ class BiDVL:
 
     # -- validation --------------------------------------------------------
 
-    def _check(self, v, args, kwargs):
-        self.view._check_data(v)  # every call: finite, a batch dim (one reduction)
+    def _check(self, v, args, kwargs, where):
+        check_batch(v, where)  # every batch: one reduction
         key = (tuple(v.shape), v.dtype, v.device.type, len(args), tuple(sorted(kwargs)))
         if key in self._checked:
             return
+        with at_step(self.algorithm, where, self._diagnose(v, args, kwargs)):
+            self._check_models(v, args, kwargs)
+        self._checked.add(key)
+
+    def _check_models(self, v, args, kwargs):
+        for role, fn in (("energy_model", self.energy_model), ("decoder_model", self.decoder_model),
+                         ("encoder_guide", self.encoder_guide)):
+            check_dtype(v, fn, role)
         with torch.no_grad():
             trace = self._decoder_trace(torch.zeros_like(v), args, kwargs)
             q_v = self._observed(trace, v)
@@ -314,7 +323,25 @@ class BiDVL:
                 f"{sorted(st.latents)}; the latents belong to the decoder and the encoder"
             )
         self.view.check_model(v, *args, **kwargs)
-        self._checked.add(key)
+
+    def _diagnose(self, v, args, kwargs):
+        """A ``diagnose()`` for :func:`~pyro_ebm.infer.checks.check_loss`: the first
+        NaN / Inf site of the energy model, the decoder or the encoder on ``v``,
+        then of the energy model on the last decoder draws."""
+        v = v.detach()
+
+        def diagnose():
+            energy = dict(model=self.energy_model, model_role="energy model")
+            vae = dict(guide=self.encoder_guide, guide_role="encoder guide", model=self.decoder_model,
+                       model_role="decoder model")
+            found = describe_nonfinite(v, args, kwargs, **energy)
+            found = found or describe_nonfinite(v, args, kwargs, **vae)
+            if found is None and self.last_samples is not None and not (args or kwargs):
+                found = describe_nonfinite(self.last_samples, **energy)
+                found = found and found + " on the decoder draws"
+            return found
+
+        return diagnose
 
     def _observed(self, trace, like, conditioned=()):
         site = _observed(trace, self.obs_site, conditioned)
@@ -419,7 +446,8 @@ class BiDVL:
         terms = self._lower_terms(v, args, kwargs, dec_params=dec_params, enc_params=enc_params)
         total = self._lower_total(terms)
         value = float(total.detach())
-        check_loss(self.algorithm, self.num_steps + 1, f"lower-level (step {k + 1})", value)
+        check_loss(self.algorithm, self.num_steps + 1, f"lower-level (step {k + 1})", value,
+                   self._diagnose(v, args, kwargs))
         if not dec_params:
             raise ValueError("the decoder model has no parameters: register its network with "
                              "pyro.module(...) or make it a PyroModule")
@@ -443,7 +471,7 @@ class BiDVL:
             terms = self._lower_terms(v, args, kwargs, weights=(dec_w, enc_w))
             total = self._lower_total(terms)
             check_loss(self.algorithm, self.num_steps + 1, f"unrolled lower-level (step {n + 1})",
-                       float(total.detach()))
+                       float(total.detach()), self._diagnose(v, args, kwargs))
             new_dec = dec_adam.step(total, dec_w)
             if self.vae_weight > 0:
                 enc_w = enc_adam.step(self.vae_weight * terms["neg_elbo"], enc_w)
@@ -478,8 +506,9 @@ class BiDVL:
             ``latent``, ``neg_elbo`` (per item, from the last lower step), and
             ``energy_data`` (mean :math:`E` of the batch).
         """
-        self._prepare(v, args, kwargs)
-        with torch.enable_grad():
+        self._prepare(v, args, kwargs, f"step {self.num_steps + 1}")
+        diverged = diverged_if_invalid(self.algorithm, self.num_steps + 1, self._diagnose(v, args, kwargs))
+        with torch.enable_grad(), diverged:
             lowers, terms = [], {}
             for k in range(self.lower_steps):
                 value, terms = self._lower_step(v, args, kwargs, k)
@@ -487,7 +516,8 @@ class BiDVL:
             params = set()
             loss, e_data, _ = self._upper_loss(v, args, kwargs, params)
             value = float(loss.detach())
-            check_loss(self.algorithm, self.num_steps + 1, "upper-level", value)
+            check_loss(self.algorithm, self.num_steps + 1, "upper-level", value,
+                       self._diagnose(v, args, kwargs))
             if not params:
                 raise ValueError("the energy model has no parameters: register its network with "
                                  "pyro.module(...) or make it a PyroModule")
@@ -503,7 +533,7 @@ class BiDVL:
     def evaluate_loss(self, v, *args, **kwargs) -> dict:
         """The quantities of :meth:`step` (upper loss without unrolling, one
         lower-level evaluation) on fresh draws, with no update."""
-        self._prepare(v, args, kwargs)
+        self._prepare(v, args, kwargs, "evaluate_loss")
         unroll, self.unroll_steps = self.unroll_steps, 0
         try:
             with torch.enable_grad():  # Trace_ELBO may need it for its estimator
@@ -520,7 +550,7 @@ class BiDVL:
         """The upper loss :math:`J(\\theta, \\psi_N(\\theta))` (a float) and its total
         derivative in the energy's parameters, ``{param-store name: gradient}``, at
         the current parameters; nothing is updated."""
-        self._prepare(v, args, kwargs)
+        self._prepare(v, args, kwargs, "hypergradient")
         with torch.enable_grad():
             params = set()
             loss = self._upper_loss(v, args, kwargs, params)[0]
@@ -594,10 +624,8 @@ class BiDVL:
 
     # -- helpers -----------------------------------------------------------
 
-    def _prepare(self, v, args, kwargs):
-        if not torch.is_tensor(v):
-            raise TypeError(f"data must be a tensor, got {type(v).__name__}")
-        self._check(v, args, kwargs)
+    def _prepare(self, v, args, kwargs, where):
+        self._check(v, args, kwargs, where)
         n = self.num_samples or v.shape[0]
         if n != v.shape[0] and (args or kwargs):
             raise ValueError(

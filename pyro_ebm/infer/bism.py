@@ -10,8 +10,9 @@ import pyro
 import torch
 from pyro import poutine
 
-from ..energy import check_guide_sites, require_reparameterized
+from ..energy import check_dtype, check_guide_sites, require_reparameterized
 from ..guides import GuideView
+from .checks import at_step, check_batch, check_losses, describe_nonfinite
 from .score_matching import SSM, ScoreObjective, energy_view
 from .unroll import UnrolledAdam, check_unrollable, trainable_parameters
 
@@ -122,23 +123,6 @@ def inner_steps(alg, data_fn, args, kwargs):
     return losses
 
 
-def check_loss(algorithm, step, where, value):
-    """Raise a ``ValueError`` naming the step when the float ``value`` is not finite."""
-    if not math.isfinite(value):
-        raise ValueError(f"{algorithm} diverged at step {step}: the {where} loss is {value}")
-
-
-def check_losses(algorithm, step, named_losses):
-    """One host sync for all losses of a step: raise a ``ValueError`` naming the
-    step and the first non-finite loss; return the values as floats."""
-    if not named_losses:
-        return []
-    values = torch.stack([loss.detach().reshape(()) for _, loss in named_losses]).tolist()
-    for (where, _), value in zip(named_losses, values, strict=True):
-        check_loss(algorithm, step, where, value)
-    return values
-
-
 def loss_and_grads_by_name(loss_fn):
     """Evaluate ``loss_fn(params)`` (which adds the parameters it touches to the set
     ``params``) and return the loss as a float and its gradients by param-store name."""
@@ -152,25 +136,44 @@ def loss_and_grads_by_name(loss_fn):
                                   if g is not None}
 
 
-def check_model_and_guide(algo, v, args, kwargs, lower=None, why="the guide"):
-    """Validate data, model and guide once per batch shape for an algorithm that
-    holds ``view``, ``guide_view`` and a ``_checked`` set: finite batched data,
-    the guide's sites equal to the model's latent sites (and fit for the
-    ``lower`` level, when given), and a model energy that depends on the data."""
+def check_model_and_guide(algo, v, args, kwargs, lower=None, why="the guide", where=None):
+    """Validate data, model and guide for an algorithm that holds ``algorithm``,
+    ``num_steps``, ``model``, ``guide``, ``view``, ``guide_view`` and a
+    ``_checked`` set. Every batch: :func:`~pyro_ebm.infer.checks.check_batch`
+    (one reduction), naming ``where`` (default: the coming step). Once per
+    batch shape: the data's dtype against the model's and guide's parameters,
+    the guide's sites equal to the model's latent sites in name, shape and
+    support (and fit for the ``lower`` level, when given), and a model energy
+    that depends on the data; errors name the algorithm and ``where``."""
+    where = where or f"step {algo.num_steps + 1}"
+    check_batch(v, where)
     key = (tuple(v.shape), v.dtype, v.device.type, len(args))
     if key in algo._checked:
         return False
-    algo.view._check_data(v)
-    guide_sites = algo.guide_view.sites(v, *args, **kwargs)
-    model_latents = algo.view.structure(v, *args, **kwargs).latents
-    if lower is None:
-        check_guide_sites(model_latents, guide_sites)
-    else:
-        check_lower(lower, model_latents, guide_sites, why)
-    values = {k: x.detach() for k, x in algo.guide_view.sample(v.detach(), *args, **kwargs).items()}
-    algo.view.check_model(v, *args, values=values, **kwargs)
+    with at_step(algo.algorithm, where):
+        check_dtype(v, algo.model, "model")
+        check_dtype(v, algo.guide, "guide")
+        guide_sites = algo.guide_view.sites(v, *args, **kwargs)
+        model_latents = algo.view.structure(v, *args, **kwargs).latents
+        if lower is None:
+            check_guide_sites(model_latents, guide_sites)
+        else:
+            check_lower(lower, model_latents, guide_sites, why)
+        values = {k: x.detach() for k, x in algo.guide_view.sample(v.detach(), *args, **kwargs).items()}
+        algo.view.check_model(v, *args, values=values, **kwargs)
     algo._checked.add(key)
     return True
+
+
+def diagnose(algo, v, args, kwargs):
+    """A ``diagnose()`` for :func:`~pyro_ebm.infer.checks.check_losses`: which
+    site of ``algo.guide`` or ``algo.model`` is NaN / Inf on the batch ``v``."""
+    v = v.detach()
+
+    def values():
+        return {k: x.detach() for k, x in algo.guide_view.sample(v, *args, **kwargs).items()}
+
+    return lambda: describe_nonfinite(v, args, kwargs, guide=algo.guide, model=algo.model, values=values)
 
 
 class BiSM:
@@ -276,8 +279,9 @@ class BiSM:
 
     # -- validation --------------------------------------------------------
 
-    def _check(self, v, args, kwargs):
-        check_model_and_guide(self, v, args, kwargs, lower=self.lower, why=f"{self.algorithm}'s guide")
+    def _check(self, v, args, kwargs, where=None):
+        check_model_and_guide(self, v, args, kwargs, lower=self.lower, why=f"{self.algorithm}'s guide",
+                              where=where)
 
     # -- the two levels ----------------------------------------------------
 
@@ -328,7 +332,7 @@ class BiSM:
         """The estimated marginal score :math:`s_{\\theta,\\phi}(v; h)` at ``v = args[0]``
         with the current guide, averaged over ``num_particles`` draws (no graph)."""
         v, rest = args[0], args[1:]
-        self._check(v, rest, kwargs)
+        self._check(v, rest, kwargs, where="score")
         with torch.enable_grad():
             x = v.detach().requires_grad_(True)
             return self._score_fn(rest, kwargs, set())(x).detach()
@@ -338,7 +342,7 @@ class BiSM:
         derivative in the model's parameters, ``{param-store name: gradient}``, at
         the current parameters; nothing is updated and no lower-level step is taken."""
         v, rest = args[0], args[1:]
-        self._check(v, rest, kwargs)
+        self._check(v, rest, kwargs, where="hypergradient")
         return loss_and_grads_by_name(lambda params: self._upper_loss(v, rest, kwargs, params))
 
     def step(self, *args, **kwargs) -> float:
@@ -355,7 +359,8 @@ class BiSM:
             loss = self._upper_loss(v, rest, kwargs, params, unrolled)
             named = [(f"lower-level (inner step {k + 1})", x) for k, x in enumerate(lower)]
             named += [(f"unrolled lower-level (step {n + 1})", x) for n, x in enumerate(unrolled)]
-            values = check_losses(self.algorithm, self.num_steps + 1, named + [("upper-level", loss)])
+            values = check_losses(self.algorithm, self.num_steps + 1, named + [("upper-level", loss)],
+                                  diagnose(self, v, rest, kwargs))
             params = list(params)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         apply_grads(self.optim, params, grads)
@@ -368,7 +373,7 @@ class BiSM:
         """The upper loss :math:`J(\\theta, \\phi)` with the current guide (no
         unrolling, no parameter change)."""
         v, rest = args[0], args[1:]
-        self._check(v, rest, kwargs)
+        self._check(v, rest, kwargs, where="evaluate_loss")
         with torch.enable_grad():
             loss = self.objective.per_item(self._score_fn(rest, kwargs, set()), v).mean()
         return float(loss.detach())

@@ -9,7 +9,8 @@ import pyro
 import torch
 from pyro import poutine
 
-from ..energy import check_finite
+from ..energy import check_dtype, find_nonfinite
+from .checks import at_step, check_batch
 from .score_matching import energy_view
 
 __all__ = ["ContrastiveDivergence"]
@@ -107,13 +108,17 @@ class ContrastiveDivergence:
 
     # -- negatives -----------------------------------------------------------
 
-    def _check(self, v):
-        if not torch.is_tensor(v):
-            raise TypeError(f"data must be a tensor, got {type(v).__name__}")
-        check_finite("data", v)
+    def _check(self, v, where):
+        check_batch(v, where)  # every batch: one reduction
         key = (tuple(v.shape), v.dtype, v.device)
         if key in self._checked:
             return
+        with at_step("ContrastiveDivergence", where):
+            self._check_model(v)
+        self._checked.add(key)
+
+    def _check_model(self, v):
+        check_dtype(v, self.model, "model")
         st = self.view.structure(v)
         if st.latents:
             discrete = sorted(n for n, s in st.latents.items() if s.is_discrete)
@@ -125,7 +130,15 @@ class ContrastiveDivergence:
                 "or train with BiSM / VaGES"
             )
         self.view.check_model(v)
-        self._checked.add(key)
+
+    def _diagnose(self, *batches):
+        """Which site of the model is NaN / Inf on the first of the named batches
+        where one is (for a divergence message)."""
+        for what, x in batches:
+            found = find_nonfinite(self.model, (x.detach(),))
+            if found:
+                return f"{found} on the {what}"
+        return "the model's sites are finite on the data and the negatives"
 
     def _potential(self, event_shape):
         def potential(x):
@@ -154,7 +167,7 @@ class ContrastiveDivergence:
             except RuntimeError as err:  # e.g. NaN hidden probabilities
                 raise ValueError(
                     f"ContrastiveDivergence diverged at step {self.num_steps + 1}: Gibbs sampling "
-                    f"failed ({err}); lower the learning rate"
+                    f"failed ({err}); {self._diagnose(('data', v))}; lower the learning rate"
                 ) from err
         else:
             event = tuple(x.shape[1:])
@@ -166,7 +179,8 @@ class ContrastiveDivergence:
         if not bool(torch.isfinite(x).all()):
             raise ValueError(
                 f"ContrastiveDivergence diverged at step {self.num_steps + 1}: the negatives "
-                "contain NaN or Inf (lower the learning rate or the sampler's step size)"
+                f"contain NaN or Inf ({self._diagnose(('data', v))}); lower the learning rate or "
+                "the sampler's step size"
             )
         if self.persistent and update:
             self.chains = x
@@ -182,14 +196,15 @@ class ContrastiveDivergence:
 
     def step(self, v) -> float:
         """One parameter update on the batch ``v``; returns the loss."""
-        self._check(v)
+        self._check(v, f"step {self.num_steps + 1}")
         negatives = self.negatives(v)
-        with poutine.trace(param_only=True) as capture:
+        with poutine.trace(param_only=True) as capture, torch.enable_grad():
             loss = self.loss(v, negatives)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise ValueError(
-                    f"ContrastiveDivergence diverged at step {self.num_steps + 1}: loss is {value}"
+                    f"ContrastiveDivergence diverged at step {self.num_steps + 1}: loss is {value}; "
+                    + self._diagnose(("data", v), ("negatives", negatives))
                 )
             loss.backward()
         sites = capture.trace.nodes
@@ -208,7 +223,7 @@ class ContrastiveDivergence:
     def evaluate_loss(self, v) -> float:
         """The loss on ``v`` with fresh negatives, without updating parameters or
         persistent chains."""
-        self._check(v)
+        self._check(v, "evaluate_loss")
         negatives = self.negatives(v, update=False)
         with torch.no_grad():
             return float(self.loss(v, negatives))

@@ -8,7 +8,8 @@ import math
 import torch
 from pyro.optim import PyroOptim
 
-from ..energy import check_finite
+from ..energy import check_dtype, check_finite, nonfinite_entry
+from .checks import at_step, check_batch
 
 __all__ = ["KALE"]
 
@@ -68,7 +69,9 @@ class KALE:
         parameters and :math:`c`, e.g. ``pyro.optim.Adam({"lr": 1e-4})``.
     :param generator_optim: optimizer of the generator's parameters, or
         ``None`` to keep the base fixed (e.g. a flow trained by maximum
-        likelihood) and train the energy alone.
+        likelihood) and train the energy alone. A generator without trainable
+        parameters (``torch.nn.Identity()``: a plain EBM on a Gaussian base) is
+        fixed too; its update is skipped and its loss still reported.
     :type generator_optim: pyro.optim.PyroOptim or None
     :param int critic_steps: critic updates per generator update.
     :param int warmup_critic_steps: critic updates before the first generator
@@ -127,6 +130,7 @@ class KALE:
         self.c = None
         #: generator updates made so far
         self.num_steps = 0
+        self._checked = set()
 
     # -- public ------------------------------------------------------------
 
@@ -136,31 +140,36 @@ class KALE:
 
         :returns: ``{"critic_loss", "generator_loss", "kale"}`` as floats: the
             last critic update's loss (penalty included) and KALE estimate, and
-            the generator loss.
+            the generator loss (evaluated, with no update, when the generator is
+            fixed: ``generator_optim=None`` or a generator without trainable
+            parameters, e.g. ``torch.nn.Identity()`` for a plain EBM on a
+            Gaussian base).
         """
-        x = self._check_data(x)
+        x = self._check_data(x, f"step {self.num_steps + 1}")
         if self.c is None:
             self._init_c()
         warmup = self.num_steps == 0 and self.warmup_critic_steps > 0
         updates = self.warmup_critic_steps if warmup else self.critic_steps
         out = {}
-        for k in range(updates):
-            out = self._critic_update(x, k)
-        out["generator_loss"] = self._generator_update(x)
+        with torch.enable_grad():  # trains under the caller's no_grad too
+            for k in range(updates):
+                out = self._critic_update(x, k)
+            out["generator_loss"] = self._generator_update(x)
         self.num_steps += 1
         return out
 
     def critic_step(self, x) -> dict:
         """One critic update on ``x`` (no generator update): ``{"critic_loss", "kale"}``."""
-        x = self._check_data(x)
+        x = self._check_data(x, "critic_step")
         if self.c is None:
             self._init_c()
-        return self._critic_update(x, 0)
+        with torch.enable_grad():
+            return self._critic_update(x, 0)
 
     def evaluate_loss(self, x) -> dict:
         """The losses and KALE estimate on ``x`` and fresh base draws, without
         updating anything."""
-        x = self._check_data(x)
+        x = self._check_data(x, "evaluate_loss")
         if self.c is None:
             self._init_c()
         with torch.no_grad():
@@ -197,7 +206,7 @@ class KALE:
             x_g = self.gebm.sample_base(len(x))
         kale, penalty = self._critic_terms(x, x_g)
         loss = -kale + self.penalty * penalty
-        self._check_loss("critic", loss, f"critic update {k}")
+        self._check_loss("critic", loss, f"critic update {k}", x, x_g)
         params = _trainable(self.gebm.energy) + [self.c]
         _set_grads(loss, params)
         if self.c_grad_clip is not None and self.c.grad is not None:
@@ -211,15 +220,16 @@ class KALE:
         return -data_term - _log_mean_exp(-self._energy(x_g))
 
     def _generator_update(self, x):
-        if self.generator_optim is None:
+        params = _trainable(self.gebm.generator)
+        if self.generator_optim is None or not params:  # a fixed base: evaluate only
+            x_g = self.gebm.sample_base(len(x))
             with torch.no_grad():
-                loss = self._generator_loss(x, self.gebm.sample_base(len(x)))
-            self._check_loss("generator", loss, "generator update")
+                loss = self._generator_loss(x, x_g)
+            self._check_loss("generator", loss, "generator update", x, x_g)
             return loss.item()
         x_g = self.gebm.generator(self.gebm.sample_latent(len(x)))
         loss = self._generator_loss(x, x_g)
-        self._check_loss("generator", loss, "generator update")
-        params = _trainable(self.gebm.generator)
+        self._check_loss("generator", loss, "generator update", x, x_g)
         _set_grads(loss, params)
         self.generator_optim(params)
         return loss.item()
@@ -234,29 +244,45 @@ class KALE:
         check_finite("initial c (log-mean-exp of -E over base draws)", c)
         self.c = c.detach().clone().requires_grad_(True)
 
-    def _check_data(self, x):
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            raise TypeError(f"data must be a floating point tensor, got {type(x).__name__}"
-                            + (f" of dtype {x.dtype}" if torch.is_tensor(x) else ""))
-        if x.dim() < 2 or len(x) < 1:
-            raise ValueError(f"data must have shape (batch, *event_shape), got {tuple(x.shape)}")
-        check_finite("data", x)
-        with torch.no_grad():
-            event = self.gebm.sample_base(1).shape[1:]
-        if x.shape[1:] != event:
-            raise ValueError(
-                f"data of shape {tuple(x.shape)} has event shape {tuple(x.shape[1:])}, but the "
-                f"generator outputs samples of event shape {tuple(event)} (latent_dim="
-                f"{self.gebm.latent_dim}); the data and the generator's output must match"
-            )
+    def _check_data(self, x, where):
+        check_batch(x, where)  # every batch: one reduction
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self._checked:
+            with at_step("KALE", where):
+                check_dtype(x, self.gebm, "gebm")
+                with torch.no_grad():
+                    event = self.gebm.sample_base(1).shape[1:]
+                if x.shape[1:] != event:
+                    raise ValueError(
+                        f"data of shape {tuple(x.shape)} has event shape {tuple(x.shape[1:])}, but the "
+                        f"generator outputs samples of event shape {tuple(event)} (latent_dim="
+                        f"{self.gebm.latent_dim}); the data and the generator's output must match"
+                    )
+            self._checked.add(key)
         return x.detach()
 
-    def _check_loss(self, which, loss, where):
+    def _check_loss(self, which, loss, where, x, x_g):
         if not bool(torch.isfinite(loss)):
             raise RuntimeError(
-                f"KALE diverged at step {self.num_steps} ({where}): the {which} loss is "
-                f"{loss.item()}; lower the learning rates, raise the penalty or set energy_floor"
+                f"KALE diverged at step {self.num_steps + 1} ({where}): the {which} loss is "
+                f"{loss.item()}; {self._diagnose(x, x_g)}; lower the learning rates, raise the "
+                "penalty or set energy_floor"
             )
+
+    def _diagnose(self, x, x_g):
+        """Which term went non-finite: the generator's draws, the energy (the GEBM's
+        factor 'energy') on the data or on the draws, or c."""
+        with torch.no_grad():
+            terms = [("the generator's draws G(z)", lambda: x_g),
+                     ("the energy (GEBM factor 'energy') on the data", lambda: self.gebm.energy_values(x)),
+                     ("the energy (GEBM factor 'energy') on the base draws",
+                      lambda: self.gebm.energy_values(x_g)),
+                     ("c", lambda: self.c)]
+            for what, value in terms:
+                found = nonfinite_entry(value())
+                if found:
+                    return f"{what} is {found}"
+        return "the energies and c are finite, so the loss overflowed (e.g. exp(-E - c))"
 
 
 def _trainable(module):

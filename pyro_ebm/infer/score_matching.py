@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from ..energy import EnergyView
+from ..energy import EnergyView, check_data, check_dtype
 
 __all__ = ["DSM", "MDSM", "SSM", "ExactSM", "ScoreObjective", "energy_view", "hutchinson_trace", "noise_grid"]
 
@@ -93,7 +93,10 @@ class ScoreObjective:
 
     Subclasses implement :meth:`per_item`. Calling the objective as a Pyro loss
     evaluates ``per_item`` on the model's exact score (no latent sites allowed)
-    and averages over the batch.
+    and averages over the batch. The call turns gradients on inside, since the
+    score is a gradient w.r.t. the data: so ``SVI.evaluate_loss``, which runs
+    the loss under ``torch.no_grad()``, works and returns the value ``SVI.step``
+    would for the same data and random state.
     """
 
     #: whether the objective evaluates the score at noised data
@@ -112,8 +115,13 @@ class ScoreObjective:
         if not args:
             raise ValueError(f"{type(self).__name__} needs the data as the model's first argument")
         v, rest = args[0], args[1:]
+        check_data(v, "data")  # every batch: one reduction
         view = energy_view(model)
-        view._check_data(v)
+        with torch.enable_grad():  # the score needs ∇_v even under SVI.evaluate_loss's no_grad
+            return self._loss(view, model, v, rest, kwargs)
+
+    def _loss(self, view, model, v, rest, kwargs):
+        check_dtype(v, model, "model")
         st = view.structure(v, *rest, **kwargs)
         if st.latents:
             raise ValueError(

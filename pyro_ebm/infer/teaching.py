@@ -12,8 +12,9 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.util import zero_grads
 
-from ..energy import check_finite
-from ..mcmc.amortized import AmortizedLangevin, check_batch
+from ..energy import check_dtype, check_finite, find_nonfinite
+from ..mcmc.amortized import AmortizedLangevin
+from .checks import at_step, check_batch, describe_nonfinite, diverged_if_invalid
 
 __all__ = ["MCMCTeaching"]
 
@@ -127,6 +128,7 @@ class MCMCTeaching:
         self.svi = SVI(vae_model, vae_guide, vae_optim, loss=Trace_ELBO())
         self._like = None if event_shape is None else torch.zeros((1,) + tuple(event_shape))
         self.iteration = 0
+        self._checked = set()
         #: the last step's decoder means :math:`x_0` and revised samples :math:`\tilde x`
         self.last_init = self.last_revised = None
 
@@ -195,7 +197,7 @@ class MCMCTeaching:
             ``energy_init`` (of :math:`x_0`) and ``energy_revised`` (of
             :math:`\\tilde x`), all at the parameters before the update.
         """
-        x0, x_rev = self.synthesize(x, *args, **kwargs)
+        x0, x_rev = self._synthesize(x, args, kwargs, f"step {self.iteration + 1}")
         with torch.no_grad():
             e_init = self.sampler.energy(x0, *args, **kwargs).mean()
         stats = self.ebm_step(x, x_rev, *args, **kwargs)
@@ -208,7 +210,10 @@ class MCMCTeaching:
         """Decoder means :math:`x_0` at fresh prior draws and their Langevin
         revisions :math:`\\tilde x`, both ``(n, *event)`` with ``n = num_chains`` or
         ``len(x)``; also kept as :attr:`last_init` and :attr:`last_revised`."""
-        check_batch("data", x)
+        return self._synthesize(x, args, kwargs, "synthesize")
+
+    def _synthesize(self, x, args, kwargs, where):
+        self._check(x, args, kwargs, where)
         n = self.num_chains or x.shape[0]
         if n != x.shape[0] and (args or kwargs):
             raise ValueError(
@@ -217,9 +222,32 @@ class MCMCTeaching:
             )
         self._like = torch.zeros_like(x[:1])
         x0 = self._initial_points(n, *args, **kwargs)
-        x_rev = self.sampler.revise(x0, *args, **kwargs)
+        try:
+            x_rev = self.sampler.revise(x0, *args, **kwargs)
+        except ValueError as err:  # e.g. a NaN potential: say which site is NaN
+            found = find_nonfinite(self.energy_model, (x0,) + tuple(args), kwargs, role="energy model")
+            if found is None:
+                raise
+            raise ValueError(f"MCMCTeaching ({where}): the Langevin revision of the decoder means failed "
+                             f"({str(err).splitlines()[0]}): {found} on the decoder means") from err
         self.last_init, self.last_revised = x0, x_rev
         return x0, x_rev
+
+    def _check(self, x, args, kwargs, where):
+        """Every batch: :func:`~pyro_ebm.infer.checks.check_batch`; once per shape:
+        the data's dtype against the modules' parameters and the energy model run
+        on the data (errors name the step)."""
+        check_batch(x, where)
+        key = (tuple(x.shape), x.dtype, x.device.type, len(args))
+        if key in self._checked:
+            return
+        with at_step("MCMCTeaching", where):
+            for role, fn in (("energy_model", self.energy_model), ("vae_model", self.vae_model),
+                             ("vae_guide", self.vae_guide)):
+                check_dtype(x, fn, role)
+            with torch.no_grad():
+                self.sampler.energy(x, *args, **kwargs)
+        self._checked.add(key)
 
     def ebm_step(self, x, x_revised, *args, **kwargs):
         """One step of ``ebm_optim`` on the EBM's parameters along
@@ -227,19 +255,20 @@ class MCMCTeaching:
 
         :returns: dict with ``ebm_loss``, ``energy_data`` and ``energy_revised``
             (before the update)."""
-        with poutine.trace(param_only=True) as capture:
+        with poutine.trace(param_only=True) as capture, torch.enable_grad():  # also under no_grad
             e_data = self.sampler.energy(x, *args, **kwargs)
             e_rev = self.sampler.energy(x_revised, *args, **kwargs)
             loss = e_data.mean() - e_rev.mean()
             objective = loss
             if self.energy_penalty:
                 objective = loss + self.energy_penalty * (e_data.pow(2).mean() + e_rev.pow(2).mean())
-        self._check_value("EBM loss", objective)
+        self._check_value("EBM loss", objective, lambda: self._diagnose(x, x_revised, args, kwargs))
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
         if not params:
             raise ValueError("the energy model has no parameters: register its network with "
                              "pyro.module(...) or make it a PyroModule")
-        objective.backward()
+        with torch.enable_grad():
+            objective.backward()
         self.ebm_optim(params)
         zero_grads(params)
         return {"ebm_loss": float(loss.detach()), "energy_data": float(e_data.detach().mean()),
@@ -248,13 +277,19 @@ class MCMCTeaching:
     def vae_step(self, x_revised, *args, **kwargs):
         """One step of Pyro's ``SVI(vae_model, vae_guide, vae_optim, Trace_ELBO())``
         on the revised samples; returns the ELBO estimate (minus SVI's loss)."""
-        vae_loss = self.svi.step(x_revised, *args, **kwargs)
+        def diagnose():
+            return describe_nonfinite(x_revised, args, kwargs, guide=self.vae_guide, model=self.vae_model,
+                                      guide_role="VAE guide", model_role="VAE model")
+
+        # Pyro's SVI.step needs gradients, whatever the caller's mode
+        with torch.enable_grad(), diverged_if_invalid("MCMCTeaching", self.iteration + 1, diagnose):
+            vae_loss = self.svi.step(x_revised, *args, **kwargs)
         self._check_value("VAE loss (-ELBO)", torch.as_tensor(vae_loss))
         return -float(vae_loss)
 
     def evaluate_loss(self, x, *args, **kwargs):
         """The quantities of :meth:`step` on fresh samples, with no update."""
-        x0, x_rev = self.synthesize(x, *args, **kwargs)
+        x0, x_rev = self._synthesize(x, args, kwargs, "evaluate_loss")
         with torch.no_grad():
             e_data, e_init, e_rev = (self.sampler.energy(v, *args, **kwargs).mean() for v in (x, x0, x_rev))
         return {
@@ -273,9 +308,19 @@ class MCMCTeaching:
 
     # -- helpers ------------------------------------------------------------
 
-    def _check_value(self, name, value):
+    def _check_value(self, name, value, diagnose=None):
         if not bool(torch.isfinite(value).all()):
+            detail = f" ({diagnose()})" if diagnose is not None else ""
             raise ValueError(
-                f"{name} is {float(value.detach())} at teaching step {self.iteration}: training "
+                f"{name} is {float(value.detach())} at teaching step {self.iteration + 1}{detail}: training "
                 "diverged; lower the learning rates or the Langevin step size"
             )
+
+    def _diagnose(self, x, x_revised, args, kwargs):
+        """Which site of the energy model is NaN / Inf, on the data or on the revised samples."""
+        for what, batch in (("the data", x), ("the revised samples", x_revised)):
+            found = find_nonfinite(self.energy_model, (batch.detach(),) + tuple(args), kwargs,
+                                   role="energy model")
+            if found:
+                return f"{found} on {what}"
+        return "the energy model's sites are finite on the data and the revised samples"

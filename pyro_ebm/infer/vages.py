@@ -10,27 +10,22 @@ import math
 import pyro
 import torch
 
-from ..energy import check_finite, check_guide_sites
+from .. import metrics
+from ..energy import check_data, check_finite, check_guide_sites
 from ..guides import GuideView
 from .bism import (
     LOWER,
     _collect_params,
     apply_grads,
-    check_losses,
     check_model_and_guide,
+    diagnose,
     inner_steps,
     loss_and_grads_by_name,
 )
+from .checks import check_losses
 from .score_matching import DSM, MDSM, energy_view, exact_trace, hutchinson_trace
 
 __all__ = ["VaGES", "fisher_divergence", "ksd_halves", "vaes_score"]
-
-
-def _check_data(v, what="data"):
-    if not torch.is_tensor(v) or not v.is_floating_point() or v.dim() < 2:
-        shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
-        raise ValueError(f"{what} must be a floating point tensor of shape (batch, *event), got {shape}")
-    check_finite(what, v)
 
 
 def _vaes(view, guide, v, args, kwargs, num_particles, create_graph):
@@ -77,7 +72,7 @@ def vaes_score(model, guide, v, num_particles=1, args=(), kwargs=None, create_gr
     kwargs = kwargs or {}
     if not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles must be an integer >= 1, got {num_particles!r}")
-    _check_data(v)
+    check_data(v, "v")
     view, gview = energy_view(model), GuideView(guide)
     check_guide_sites(view.structure(v, *args, **kwargs).latents, gview.sites(v, *args, **kwargs))
     with torch.enable_grad():
@@ -100,25 +95,32 @@ def ksd_halves(score_fn, v, bandwidth=None):
         \quad k_{ij} = e^{-\|x_i - x_j\|^2 / (2h^2)},
 
     with the bandwidth :math:`h` given or the median distance between the halves.
-    ``score_fn(x)`` returns the scores at ``x``.
+    ``score_fn(x)`` returns the scores at ``x``; the estimate is differentiable
+    through them. The Stein kernel is :func:`pyro_ebm.metrics.ksd`'s: the cross
+    sum comes from its V-statistics over :math:`A \cup B`, :math:`A` and
+    :math:`B`, as :math:`\sum_{A \times B} = \tfrac12\big(\sum_{(A \cup B)^2} -
+    \sum_{A^2} - \sum_{B^2}\big)` (the Stein kernel is symmetric). Returns NaN
+    when a score is not finite (a trainer reports it with the step).
     """
     n = v.shape[0] // 2
     if n < 1:
         raise ValueError(f"the KSD objective needs a batch of at least 2 items, got {v.shape[0]}")
-    x = v.detach()
-    s = _flat(score_fn(x))
-    xa, xb = _flat(x[:n]), _flat(x[n:2 * n])
-    sa, sb = s[:n], s[n:2 * n]
-    diff = xa[:, None, :] - xb[None, :, :]
-    r2 = diff.pow(2).sum(-1)
-    if bandwidth is None:
-        h2 = r2.median().clamp_min(torch.finfo(r2.dtype).tiny)
-    else:
-        h2 = torch.as_tensor(float(bandwidth) ** 2, dtype=x.dtype, device=x.device)
-    k = torch.exp(-r2 / (2 * h2))
-    dim = xa.shape[1]
-    u = k * (sa @ sb.T + ((sa[:, None, :] - sb[None, :, :]) * diff).sum(-1) / h2 + dim / h2 - r2 / h2**2)
-    return u.mean()
+    x = v.detach()[: 2 * n]
+    s = score_fn(v.detach())[: 2 * n]
+    if not bool(torch.isfinite(s).all()):
+        return s.new_full((), math.nan)
+    if bandwidth is None:  # the median distance between the halves
+        r2 = (_flat(x[:n])[:, None, :] - _flat(x[n:])[None, :, :]).pow(2).sum(-1)
+        bandwidth = r2.median().clamp_min(torch.finfo(r2.dtype).tiny).sqrt()
+    else:  # a tensor in the data's dtype: metrics.ksd would make a float a float32 tensor
+        bandwidth = torch.as_tensor(float(bandwidth), dtype=x.dtype, device=x.device)
+
+    def v_statistic(rows):
+        return metrics.ksd(x[rows], s[rows], kernel="rbf", u_statistic=False, bandwidth=bandwidth)
+
+    both, a, b = v_statistic(slice(None)), v_statistic(slice(0, n)), v_statistic(slice(n, None))
+    # means: both = (ΣAA + ΣBB + 2ΣAB) / 4n², a = ΣAA / n², b = ΣBB / n²
+    return (4 * both - a - b) / 2
 
 
 class VaGES:
@@ -217,12 +219,12 @@ class VaGES:
         self.last_losses = {}
         self._checked = set()
 
-    def _check(self, v, args, kwargs):
-        if self.objective is None and v.shape[0] < 2:
-            raise ValueError(f"the KSD objective needs a batch of at least 2 items, got {v.shape[0]}")
+    def _check(self, v, args, kwargs, where=None):
         lower = self.lower if self.inner_steps else None
         check_model_and_guide(self, v, args, kwargs, lower=lower,
-                              why=f"{self.algorithm}'s lower level (inner_steps > 0)")
+                              why=f"{self.algorithm}'s lower level (inner_steps > 0)", where=where)
+        if self.objective is None and v.shape[0] < 2:
+            raise ValueError(f"the KSD objective needs a batch of at least 2 items, got {v.shape[0]}")
 
     def _lower_data(self, v):
         v = v.detach()
@@ -273,7 +275,8 @@ class VaGES:
             params = set()
             loss = self._loss(v, rest, kwargs, params)
             named = [(f"lower-level (inner step {k + 1})", x) for k, x in enumerate(lower)]
-            values = check_losses(self.algorithm, self.num_steps + 1, named + [("upper-level", loss)])
+            values = check_losses(self.algorithm, self.num_steps + 1, named + [("upper-level", loss)],
+                                  diagnose(self, v, rest, kwargs))
             params = list(params)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         apply_grads(self.optim, params, grads)
@@ -286,13 +289,13 @@ class VaGES:
         """The objective (a float) and the VaGES gradient by param-store name, at the
         current parameters; nothing is updated."""
         v, rest = args[0], args[1:]
-        self._check(v, rest, kwargs)
+        self._check(v, rest, kwargs, where="gradient")
         return loss_and_grads_by_name(lambda params: self._loss(v, rest, kwargs, params))
 
     def evaluate_loss(self, *args, **kwargs) -> float:
         """The objective evaluated with the VaES of the current guide (no update)."""
         v, rest = args[0], args[1:]
-        self._check(v, rest, kwargs)
+        self._check(v, rest, kwargs, where="evaluate_loss")
         with torch.enable_grad():
             return float(self._loss(v, rest, kwargs, set()).detach())
 
@@ -380,7 +383,7 @@ def fisher_divergence(model, guide, data, num_particles=10, critic=None, critic_
     Stein's method", NeurIPS 2015.
     """
     kwargs = kwargs or {}
-    _check_data(data)
+    check_data(data, "data")
     for name, frac in (("holdout", holdout), ("validation", validation)):
         if not 0 < frac < 1:
             raise ValueError(f"{name} must be in (0, 1), got {frac}")

@@ -85,6 +85,11 @@ class GaussianRBM(PyroModule):
     # -- energies ----------------------------------------------------------
 
     def _quadratic(self, v):
+        if v.shape[-1:] != (self.visible_dim,):  # a Python compare, no sync
+            raise ValueError(
+                f"GaussianRBM has visible_dim={self.visible_dim}, so data must have shape "
+                f"(batch, {self.visible_dim}), but got data of shape {tuple(v.shape)}"
+            )
         return 0.5 * ((v - self.b) / self.log_std.exp()).pow(2).sum(-1)
 
     def energy(self, v, h):

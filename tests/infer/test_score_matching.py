@@ -4,6 +4,8 @@
 Model: log p̃(v) = −‖v − μ‖² / (2 s²); data ~ N(m, τ²).
 """
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from pyro_ebm.infer import DSM, MDSM, SSM, ExactSM
 from pyro_ebm.infer.score_matching import hutchinson_trace, noise_grid
+from pyro_ebm.models import GaussianRBM
 
 
 @pytest.fixture(autouse=True)
@@ -182,3 +185,24 @@ def test_nan_data_rejected():
     v[1, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         DSM(0.1)(gaussian_model, no_guide, v)
+
+
+@pytest.mark.parametrize("objective", [ExactSM(), SSM(), DSM(0.1), MDSM(0.05, 1.0, 0.1)],
+                         ids=["ExactSM", "SSM", "DSM", "MDSM"])
+def test_svi_evaluate_loss_equals_the_step_loss(objective):
+    """SVI.evaluate_loss runs the loss under torch.no_grad; score matching needs
+    ∇_v, so the loss turns gradients on: same value as SVI.step, same data and seed."""
+    pyro.clear_param_store()
+    grbm = GaussianRBM(2, 4, init_scale=0.5).double()
+    v = torch.randn(32, 2, dtype=torch.float64)
+    svi = pyro.infer.SVI(grbm.marginal, lambda v: None, pyro.optim.Adam({"lr": 1e-2}), loss=objective)
+    torch.manual_seed(5)
+    evaluated = svi.evaluate_loss(v)
+    before = grbm.W.detach().clone()
+    torch.manual_seed(5)
+    stepped = svi.step(v)
+    assert evaluated == pytest.approx(stepped, rel=1e-12, abs=1e-12)
+    assert not torch.equal(grbm.W.detach(), before)  # the step did update, after computing that loss
+    with torch.no_grad():  # a caller's own no_grad block too
+        torch.manual_seed(6)
+        assert math.isfinite(svi.evaluate_loss(v))

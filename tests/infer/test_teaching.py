@@ -213,7 +213,7 @@ def test_divergence_stops_with_the_step_named():
     x = torch.randn(8, D) + 2.0
     teaching.step(x)
     x[:, 0] = 0.0
-    with pytest.raises(ValueError, match="EBM loss is inf at teaching step 1"):
+    with pytest.raises(ValueError, match="EBM loss is inf at teaching step 2"):
         teaching.step(x)
 
 
