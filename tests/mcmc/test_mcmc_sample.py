@@ -388,7 +388,8 @@ def test_integer_data():
         with pyro.plate("data", len(v)):
             pyro.factor("energy", -(net(v) + z).sum(-1))
 
-    with pytest.raises(TypeError, match=r"model argument 'v' \(model_args\[0\]\) has dtype torch.int64"):
+    # the energy core's first run names the data's shape and dtype and the site reached
+    with pytest.raises(TypeError, match=r"data of shape \(5, 3\) and dtype torch.int64"):
         mcmc.sample(energy_model, mcmc.MALA(0.1), 4, 2, model_args=(torch.ones(5, 3, dtype=torch.long),),
                     progress=False)
 
@@ -413,8 +414,7 @@ def test_nan_potential_says_what_is_known():
         z = pyro.sample("z", dist.Normal(torch.tensor(0.0, dtype=DT), 1.0))
         pyro.factor("f", z * float("nan"))
 
-    with pytest.raises(ValueError, match=r"running the model nan_factor once.*invalid distribution.*"
-                                         r"Unit\(log_factor: nan\).*NaN or Inf parameter"):
+    with pytest.raises(ValueError, match=r"model factor 'f': NaN"):  # named by the energy core
         mcmc.sample(nan_factor, mcmc.MALA(0.1), 4, 2, progress=False)
 
     def cut():
