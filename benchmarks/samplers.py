@@ -163,8 +163,9 @@ def _overhead_runs(args, num_data):
     kernel = mcmc.MALA(step, adapt_step_size=False)
     runs = {
         "bare": lambda: bare_mala(pot, x0, step, steps, warm),
-        "plain": lambda: mcmc.sample(pot, kernel, args.chains, steps - warm, warmup_steps=warm,
-                                     initial=x0, progress=False),
+        "plain": lambda: mcmc.sample(potential_fn=pot, kernel=kernel, num_chains=args.chains,
+                                     num_samples=steps - warm, warmup_steps=warm, initial=x0,
+                                     progress=False),
         "factor": lambda: mcmc.sample(logistic_factor_model, kernel, args.chains, steps - warm,
                                       warmup_steps=warm, model_args=(features, labels),
                                       initial=x0, progress=False),
@@ -230,11 +231,11 @@ def gpu(args):
     for chains in args.gpu_chains:
         state = kernel.init(torch.randn(chains, 64, device=device), potential)
         for _ in range(3):
-            state = kernel.step(state)
+            state, _ = kernel.step(state)
         sync()
         start = time.perf_counter()
         for _ in range(args.gpu_steps):
-            state = kernel.step(state)
+            state, _ = kernel.step(state)
         sync()
         seconds = time.perf_counter() - start
         out[chains] = chains * args.gpu_steps / seconds

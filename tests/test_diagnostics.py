@@ -20,8 +20,9 @@ ARVIZ_1 = int(az.__version__.split(".")[0]) >= 1
 @pytest.fixture(scope="module")
 def samples():
     torch.manual_seed(0)
-    return mcmc.sample(lambda x: 0.5 * x.pow(2).sum(-1), mcmc.HMC(0.5, 3), 4, 50, warmup_steps=20,
-                       initial=torch.randn(4, 2, dtype=torch.float64), progress=False)
+    return mcmc.sample(potential_fn=lambda x: 0.5 * x.pow(2).sum(-1), kernel=mcmc.HMC(0.5, 3), num_chains=4,
+                       num_samples=50, warmup_steps=20, initial=torch.randn(4, 2, dtype=torch.float64),
+                       progress=False)
 
 
 def test_nested_dict_layout_and_names(samples):

@@ -122,7 +122,8 @@ def sample_joint(model, n, step_size=STEP_SIZE, levels=LEVELS, steps_per_level=S
 
     init = torch.cat([torch.rand(n, 64, dtype=like.dtype), torch.randn(n, LATENT, dtype=like.dtype)], -1)
     kernel = _kernel(step_size, levels, steps_per_level)
-    out = mcmc.sample(potential, kernel, n, 1, warmup_steps=kernel.num_steps, initial=init, progress=False)
+    out = mcmc.sample(potential_fn=potential, kernel=kernel, num_chains=n, num_samples=1,
+                      warmup_steps=kernel.num_steps, initial=init, progress=False)
     return out.get_samples()["x"][:, -1, :64]
 
 
@@ -138,8 +139,8 @@ def sample_conditional(model, guide, x_cond, step_size=STEP_SIZE, levels=LEVELS,
         return -view.log_density(v, values={"h": h}, per_item=True)
 
     kernel = _kernel(step_size, levels, steps_per_level)
-    out = mcmc.sample(potential, kernel, len(x_cond), 1, warmup_steps=kernel.num_steps,
-                      initial=torch.rand_like(x_cond), progress=False)
+    out = mcmc.sample(potential_fn=potential, kernel=kernel, num_chains=len(x_cond), num_samples=1,
+                      warmup_steps=kernel.num_steps, initial=torch.rand_like(x_cond), progress=False)
     return out.get_samples()["x"][:, -1]
 
 

@@ -65,7 +65,7 @@ class ContrastiveDivergence:
     :param pyro.optim.PyroOptim optim: optimizer of the model's parameters (param store).
     :param int k: MCMC steps per parameter step (≥ 1).
     :param bool persistent: keep the chains across steps (PCD).
-    :param sampler: a kernel with ``init(position, potential)`` and ``step(state)``.
+    :param sampler: a kernel with ``init(position, potential) -> state`` and ``step(state) -> (state, info)``.
     :param int num_chains: persistent chains (default: the first batch's size).
 
     >>> grbm = GaussianRBM(visible_dim=2, hidden_dim=8)
@@ -173,7 +173,7 @@ class ContrastiveDivergence:
             event = tuple(x.shape[1:])
             state = self.sampler.init(x.reshape(x.shape[0], -1), self._potential(event))
             for _ in range(self.k):
-                state = self.sampler.step(state)
+                state, _ = self.sampler.step(state)
             x = state.position.reshape((-1,) + tuple(x.shape[1:]))
         x = x.detach()
         if not bool(torch.isfinite(x).all()):

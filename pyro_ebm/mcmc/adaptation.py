@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from pyro.ops.dual_averaging import DualAveraging
 
-from .kernels import KernelState
+from .kernels import KernelInfo, KernelState
 
 __all__ = ["StepSizeAdaptation"]
 
@@ -35,7 +35,8 @@ class StepSizeAdaptation:
 
     >>> adaptation = StepSizeAdaptation(state.step_size, target_accept_prob=0.57)
     >>> for t in range(warmup_steps):
-    ...     state = adaptation.step(kernel.step(state), final=t + 1 == warmup_steps)
+    ...     state, info = kernel.step(state)
+    ...     state = adaptation.step(state, info, final=t + 1 == warmup_steps)
 
     **References:** M. D. Hoffman, A. Gelman, "The No-U-Turn Sampler: adaptively
     setting path lengths in Hamiltonian Monte Carlo", JMLR 2014.
@@ -53,10 +54,11 @@ class StepSizeAdaptation:
             return None
         return cls(state.step_size, kernel.target_accept_prob)
 
-    def step(self, state: KernelState, final: bool = False) -> KernelState:
-        """Update on ``state.accept_prob`` (of the step just taken) and return the
-        state with the step sizes of the next step: :math:`\\epsilon_t`, or the
-        averaged :math:`\\bar\\epsilon_t` when ``final`` (the last warmup step)."""
-        self.scheme.step(self.target_accept_prob - state.accept_prob)
+    def step(self, state: KernelState, info: KernelInfo, final: bool = False) -> KernelState:
+        """Update on ``info.accept_prob`` (of the step that led to ``state``) and
+        return the state with the step sizes of the next step: :math:`\\epsilon_t`,
+        or the averaged :math:`\\bar\\epsilon_t` when ``final`` (the last warmup
+        step)."""
+        self.scheme.step(self.target_accept_prob - info.accept_prob)
         log_step_size, log_step_size_avg = self.scheme.get_state()
         return state._replace(step_size=(log_step_size_avg if final else log_step_size).exp())

@@ -10,7 +10,7 @@ import torch
 
 from ..energy import check_finite
 from ..infer.score_matching import energy_view
-from .kernels import ULA, KernelState, _column, _langevin_move, potential_and_grad
+from .kernels import ULA, KernelInfo, KernelState, _column, _langevin_move, potential_and_grad
 
 __all__ = ["AmortizedLangevin"]
 
@@ -29,7 +29,7 @@ class _NoiselessULA(ULA):
     :math:`x' = x - \\gamma\\nabla U(x)` on the potential (the reference code's
     choice for MCMC teaching; it no longer samples :math:`e^{-U}`)."""
 
-    def step(self, state: KernelState) -> KernelState:
+    def step(self, state: KernelState) -> tuple[KernelState, KernelInfo]:
         x, g = state.position, state.grad
         proposal = x - _column(state.step_size, x) * g
         u_new, g_new = potential_and_grad(state.potential_fn, proposal)
@@ -85,7 +85,8 @@ class AmortizedLangevin:
         if not callable(energy_model):
             raise TypeError(f"energy_model must be a Pyro model, got {type(energy_model).__name__}")
         if not (hasattr(kernel, "init") and hasattr(kernel, "step")):
-            raise TypeError(f"kernel must have init(position, potential) and step(state), got {kernel!r}")
+            raise TypeError("kernel must have init(position, potential) -> state and "
+                            f"step(state) -> (state, info), got {kernel!r}")
         if not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
         if not noise:
@@ -130,10 +131,10 @@ class AmortizedLangevin:
         check_batch("initial points", x0)
         state = self.kernel.init(x0.detach(), self.potential(*args, **kwargs))
         path = [state.position] if return_trajectory else None
-        diverged = torch.zeros_like(state.diverging)
+        diverged = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device)
         for _ in range(self.num_steps):
-            state = self.kernel.step(state)
-            diverged = diverged | state.diverging
+            state, info = self.kernel.step(state)
+            diverged = diverged | info.diverging
             if return_trajectory:
                 path.append(state.position)
         num_bad = int(diverged.sum())

@@ -2,17 +2,21 @@
 """Batched many-chain MCMC kernels over a potential :math:`U(x) = -\\log \\tilde\\pi(x)`.
 
 A kernel is a small object with ``init(position, potential) -> state`` and
-``step(state) -> state``. ``position`` has shape ``(C, *event)`` (usually
+``step(state) -> (state, info)``. ``position`` has shape ``(C, *event)`` (usually
 ``(C, D)``) with the C chains in the leading dimension; ``potential(x)`` maps it to
 the per-chain potential energy, shape ``(C,)``. Gradients come from autograd,
 through the one helper :func:`potential_and_grad`. Kernels know nothing about
 Pyro; :func:`pyro_ebm.mcmc.sample` turns a Pyro model into a potential.
 
-The state is a :class:`KernelState` of batched, detached tensors, so a step holds
-no autograd graph and no host synchronization: chains never leave the device and
-a thousand chains cost about what one does. A chain whose proposal has a
-non-finite potential or gradient is marked ``diverging`` for that step and stays
-where it was; the other chains move on.
+The :class:`KernelState` holds what the next step needs, the :class:`KernelInfo`
+what a step reports (acceptance, divergence, the Hamiltonian); both are
+NamedTuples of batched, detached tensors, so a step holds no autograd graph and
+no host synchronization: chains never leave the device and a thousand chains
+cost about what one does. Nothing else is kept between steps, so step-size
+adaptation, annealing or an amortized initializer wrap a kernel without knowing
+its inside. A chain whose proposal has a non-finite potential or gradient is
+marked ``diverging`` for that step and stays where it was; the other chains
+move on.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = [
     "MALA",
     "ULA",
     "AnnealedLangevin",
+    "KernelInfo",
     "KernelState",
     "NonFiniteStartError",
     "UnderdampedLangevin",
@@ -35,32 +40,47 @@ __all__ = [
 
 
 class KernelState(NamedTuple):
-    """The state of C chains after a step; every tensor has the chains in dim 0.
+    """What the next step of C chains needs; every tensor has the chains in dim 0.
 
     :ivar position: ``(C, *event)`` current positions.
     :ivar potential_energy: ``(C,)`` potential :math:`U` at ``position``.
     :ivar grad: ``(C, *event)`` :math:`\\nabla U` at ``position`` (the cache that
         the next step starts from).
     :ivar step_size: ``(C,)`` per-chain step size.
-    :ivar accept_prob: ``(C,)`` Metropolis acceptance probability of the last step
-        (1 for unadjusted kernels, 0 for a divergent step).
-    :ivar diverging: ``(C,)`` bool, the last step's proposal was non-finite (or, for
-        HMC, its energy error exceeded ``max_delta_energy``).
-    :ivar momentum: ``(C, *event)`` momentum / velocity for the kinetic kernels,
-        else ``None``.
+    :ivar momentum: ``(C, *event)`` velocity carried across steps by
+        :class:`UnderdampedLangevin`, else ``None`` (HMC draws a fresh momentum
+        every step, so it keeps none).
     :ivar potential_fn: the potential the chains run on.
-    :ivar iteration: number of steps taken (a Python int).
+    :ivar iteration: number of steps taken (a Python int; the temperature
+        schedule of :class:`AnnealedLangevin` reads it).
     """
 
     position: torch.Tensor
     potential_energy: torch.Tensor
     grad: torch.Tensor
     step_size: torch.Tensor
-    accept_prob: torch.Tensor
-    diverging: torch.Tensor
     momentum: Optional[torch.Tensor]
     potential_fn: Callable
     iteration: int = 0
+
+
+class KernelInfo(NamedTuple):
+    """What one step of C chains reports; every tensor is ``(C,)``.
+
+    :ivar accept_prob: Metropolis acceptance probability of the step (for the
+        unadjusted kernels 1, or 0 for a divergent step).
+    :ivar is_accepted: bool, the chain moved to its proposal (for the
+        unadjusted kernels: the proposal was finite).
+    :ivar diverging: bool, the proposal was non-finite (or, for HMC, its energy
+        error exceeded ``max_delta_energy``).
+    :ivar energy: the Hamiltonian :math:`U(x) + \\tfrac12\\|p\\|^2` after the step
+        for the kernels with a momentum (HMC, underdamped Langevin), else ``None``.
+    """
+
+    accept_prob: torch.Tensor
+    is_accepted: torch.Tensor
+    diverging: torch.Tensor
+    energy: Optional[torch.Tensor] = None
 
 
 def potential_and_grad(potential_fn, position):
@@ -126,7 +146,10 @@ class _Kernel:
         self.step_size = step_size
 
     def init(self, position, potential) -> KernelState:
-        """Start C chains at ``position`` ``(C, *event)`` on ``potential``."""
+        """Start C chains at ``position`` ``(C, *event)`` on ``potential``: the
+        state with :math:`U` and :math:`\\nabla U` there, the kernel's per-chain
+        step sizes and (for :class:`UnderdampedLangevin`) a velocity drawn
+        from :math:`\\mathcal N(0, I)`."""
         if not callable(potential):
             raise TypeError(f"potential must be callable, got {type(potential).__name__}")
         if not torch.is_tensor(position):
@@ -171,14 +194,13 @@ class _Kernel:
             potential_energy=u,
             grad=grad,
             step_size=step,
-            accept_prob=torch.ones_like(u),
-            diverging=torch.zeros(chains, dtype=torch.bool, device=position.device),
             momentum=momentum,
             potential_fn=potential,
             iteration=0,
         )
 
-    def step(self, state: KernelState) -> KernelState:  # pragma: no cover - abstract
+    def step(self, state: KernelState) -> tuple[KernelState, KernelInfo]:  # pragma: no cover - abstract
+        """One step of every chain: the next state and what the step reports."""
         raise NotImplementedError
 
     def __repr__(self):
@@ -230,17 +252,16 @@ def _check_finite_positions(position):
 
 def _langevin_move(state, proposal, u_new, g_new):
     """Keep the proposal where its potential and gradient are finite; elsewhere the
-    chain stays and the step is marked divergent."""
+    chain stays and the step is marked divergent. Returns ``(state, info)``."""
     ok = torch.isfinite(u_new + g_new.flatten(1).sum(-1))
     keep = _column(ok, proposal)
-    return state._replace(
+    state = state._replace(
         position=torch.where(keep, proposal, state.position),
         potential_energy=torch.where(ok, u_new, state.potential_energy),
         grad=torch.where(keep, g_new, state.grad),
-        accept_prob=ok.to(u_new.dtype),
-        diverging=~ok,
         iteration=state.iteration + 1,
     )
+    return state, KernelInfo(accept_prob=ok.to(u_new.dtype), is_accepted=ok, diverging=~ok)
 
 
 class ULA(_Kernel):
@@ -259,7 +280,9 @@ class ULA(_Kernel):
     >>> kernel = ULA(step_size=0.01)
     >>> state = kernel.init(torch.zeros(1024, 2), lambda x: 0.5 * x.pow(2).sum(-1))
     >>> for _ in range(100):
-    ...     state = kernel.step(state)
+    ...     state, info = kernel.step(state)
+    >>> state.position.shape, info.diverging.shape
+    (torch.Size([1024, 2]), torch.Size([1024]))
 
     **References:** G. O. Roberts, R. L. Tweedie, "Exponential convergence of
     Langevin distributions and their discrete approximations", Bernoulli 1996.
@@ -296,8 +319,8 @@ class MALA(_Kernel):
         (0.574 is optimal for MALA in high dimension).
     :param bool adapt_step_size: adapt γ during warmup; ``False`` keeps it fixed.
 
-    >>> samples = mcmc.sample(potential, MALA(0.1), num_chains=1024, num_samples=200,
-    ...                       warmup_steps=200, initial=torch.zeros(1024, 2))
+    >>> samples = mcmc.sample(potential_fn=potential, kernel=MALA(0.1), num_chains=1024,
+    ...                       num_samples=200, warmup_steps=200, initial=torch.zeros(1024, 2))
 
     **References:** G. O. Roberts, R. L. Tweedie, "Exponential convergence of
     Langevin distributions and their discrete approximations", Bernoulli 1996;
@@ -324,14 +347,13 @@ class MALA(_Kernel):
         # a non-finite U(x') or ∇U(x') makes log_ratio non-finite
         ok = torch.isfinite(log_ratio)  # a non-finite U(x') or ∇U(x') is a divergence
         accept_prob, accept, keep = _metropolis(log_ratio, x)
-        return state._replace(
+        state = state._replace(
             position=torch.where(keep, proposal, x),
             potential_energy=torch.where(accept, u_new, u),
             grad=torch.where(keep, g_new, g),
-            accept_prob=accept_prob,
-            diverging=~ok,
             iteration=state.iteration + 1,
         )
+        return state, KernelInfo(accept_prob=accept_prob, is_accepted=accept, diverging=~ok)
 
 
 class UnderdampedLangevin(_Kernel):
@@ -382,15 +404,16 @@ class UnderdampedLangevin(_Kernel):
         v_new = v_new - half * g_new
         ok = torch.isfinite(u_new + g_new.flatten(1).sum(-1) + v_new.flatten(1).sum(-1))
         keep = _column(ok, x)
-        return state._replace(
+        state = state._replace(
             position=torch.where(keep, x_new, x),
             potential_energy=torch.where(ok, u_new, state.potential_energy),
             grad=torch.where(keep, g_new, g),
             momentum=torch.where(keep, v_new, noise),
-            accept_prob=ok.to(u_new.dtype),
-            diverging=~ok,
             iteration=state.iteration + 1,
         )
+        energy = state.potential_energy + 0.5 * _sq_norm(state.momentum)
+        return state, KernelInfo(accept_prob=ok.to(u_new.dtype), is_accepted=ok, diverging=~ok,
+                                 energy=energy)
 
 
 class HMC(_Kernel):
@@ -428,8 +451,6 @@ class HMC(_Kernel):
     dynamics", Handbook of MCMC 2011.
     """
 
-    uses_momentum = True
-
     def __init__(self, step_size, num_steps=10, target_accept_prob=0.8, max_delta_energy=1000.0, *,
                  adapt_step_size=True):
         super().__init__(step_size)
@@ -456,15 +477,16 @@ class HMC(_Kernel):
         finite = torch.isfinite(log_ratio)
         diverging = ~finite | (log_ratio < -self.max_delta_energy)
         accept_prob, accept, keep = _metropolis(log_ratio, x0)
-        return state._replace(
+        state = state._replace(
             position=torch.where(keep, x, x0),
             potential_energy=torch.where(accept, u, u0),
             grad=torch.where(keep, g, g0),  # restore the cached gradient on rejection
-            momentum=torch.where(keep, p, p0),
-            accept_prob=accept_prob,
-            diverging=diverging,
             iteration=state.iteration + 1,
         )
+        # the Hamiltonian of the chain's point after the step: (x', p') if accepted, else (x, p)
+        energy = state.potential_energy + 0.5 * _sq_norm(torch.where(keep, p, p0))
+        return state, KernelInfo(accept_prob=accept_prob, is_accepted=accept, diverging=diverging,
+                                 energy=energy)
 
 
 class AnnealedLangevin(_Kernel):
@@ -495,8 +517,8 @@ class AnnealedLangevin(_Kernel):
 
     >>> kernel = AnnealedLangevin(0.01, temperatures=torch.logspace(2, 0, 10).tolist(),
     ...                           steps_per_level=20)
-    >>> samples = mcmc.sample(energy, kernel, 1024, 1, warmup_steps=kernel.num_steps,
-    ...                       initial=torch.randn(1024, 2))
+    >>> samples = mcmc.sample(potential_fn=energy, kernel=kernel, num_chains=1024, num_samples=1,
+    ...                       warmup_steps=kernel.num_steps, initial=torch.randn(1024, 2))
 
     **References:** Z. Li, Y. Chen, F. T. Sommer, "Learning energy-based models in
     high-dimensional spaces with multi-scale denoising score matching", 2019;

@@ -53,7 +53,8 @@ class PyroKernel(MCMCKernel):
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
         for attr in ("init", "step"):
             if not callable(getattr(kernel, attr, None)):
-                raise TypeError(f"kernel must have init(position, potential) and step(state), got {kernel!r}")
+                raise TypeError("kernel must have init(position, potential) -> state and "
+                                f"step(state) -> (state, info), got {kernel!r}")
         self.model = model
         self.kernel = kernel
         self.transforms = None
@@ -118,14 +119,14 @@ class PyroKernel(MCMCKernel):
                 self._state = self.kernel.init(self._pack(params), self._potential)._replace(
                     step_size=self._state.step_size)
         with torch.no_grad():
-            state = self.kernel.step(self._state)
+            state, info = self.kernel.step(self._state)
         if self._t < self._warmup_steps:
             if self._adaptation is not None:
-                state = self._adaptation.step(state, final=self._t + 1 == self._warmup_steps)
+                state = self._adaptation.step(state, info, final=self._t + 1 == self._warmup_steps)
         else:
-            if bool(state.diverging[0]):
+            if bool(info.diverging[0]):
                 self._divergences.append(self._t - self._warmup_steps)
-            self._accept_sum += float(state.accept_prob[0])
+            self._accept_sum += float(info.accept_prob[0])
         self._t += 1
         self._state = state
         self._params = self._unpack(state.position)

@@ -33,7 +33,7 @@ class Samples:
         momentum), each ``(chain, draw)``.
     :ivar torch.Tensor warmup_divergences: ``(chain,)`` divergent warmup steps.
     :ivar KernelState last_state: the kernel state after the last step, to go on
-        sampling: ``kernel.step(samples.last_state)``, or
+        sampling: ``state, info = kernel.step(samples.last_state)``, or
         ``mcmc.sample(model, kernel, ..., initial=samples.last_state)`` (same
         positions and adapted step sizes).
     """
@@ -100,33 +100,37 @@ class Samples:
                 f"{self.num_divergences} divergences)")
 
 
-def sample(model_or_potential, kernel, num_chains, num_samples, warmup_steps=0, thin=1,
-           model_args=(), model_kwargs=None, initial=None, progress=None) -> Samples:
+def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_steps=0, thin=1,
+           model_args=(), model_kwargs=None, initial=None, progress=None, *, potential_fn=None) -> Samples:
     """Run ``num_chains`` chains of ``kernel`` as one batch and keep ``num_samples``
     draws of each after ``warmup_steps`` steps, every ``thin``-th step.
 
-    ``model_or_potential`` is either
+    The target is given in one of two ways, as for Pyro's
+    :class:`~pyro.infer.mcmc.HMC` (exactly one of them, or it is an error):
 
-    - a Pyro model, run as ``model(*model_args, **model_kwargs)``: the chains move
-      over all its latent sites jointly, in the unconstrained space of each site's
-      support (``biject_to``), on the potential of
-      :meth:`~pyro_ebm.energy.EnergyView.latent_potential`; draws come back in the
-      constrained space under the site names. ``initial`` is ``None`` (draws from
-      the model's own sampling statements), ``"uniform"`` (uniform on (-2, 2) in
-      the unconstrained space, Stan's default, better when the priors are much
-      broader than the posterior: a chain started far out adapts a tiny step
-      size and may not reach the posterior within warmup, which R-hat then
-      shows), a dict of constrained values ``(num_chains, *site_shape)`` by
-      site, or a packed unconstrained ``(num_chains, dim)`` tensor;
-    - a plain potential ``U(x)``, mapping ``(C, *event)`` to ``(C,)``: taken as such
-      when ``initial`` is a ``(num_chains, *event)`` tensor, no model arguments
-      are given and the callable takes one argument (draws under the key
-      ``"x"``); or a :class:`~pyro_ebm.energy.LatentPotential`.
+    - ``model``, a Pyro model, run as ``model(*model_args, **model_kwargs)``: the
+      chains move over all its latent sites jointly, in the unconstrained space
+      of each site's support (``biject_to``), on the potential of
+      :meth:`~pyro_ebm.energy.EnergyView.latent_potential`; draws come back in
+      the constrained space under the site names. ``initial`` is ``None`` (draws
+      from the model's own sampling statements), ``"uniform"`` (uniform on
+      (-2, 2) in the unconstrained space, Stan's default, better when the priors
+      are much broader than the posterior: a chain started far out adapts a tiny
+      step size and may not reach the posterior within warmup, which R-hat then
+      shows), a dict of constrained values ``(num_chains, *site_shape)`` by site,
+      or a packed unconstrained ``(num_chains, dim)`` tensor;
+    - ``potential_fn``, a potential :math:`U(x) = -\\log\\tilde\\pi(x)` mapping
+      positions ``(C, *event)`` to ``(C,)``, with ``initial`` positions
+      ``(num_chains, *event)`` (required); draws come back under the key ``"x"``.
+      A :class:`~pyro_ebm.energy.LatentPotential` (a model's latent potential,
+      e.g. ``GEBM.latent_potential()``) is a potential too and carries its own
+      unpacking: its draws come back by site, and its ``initial`` may also be a
+      dict by site or ``"uniform"``.
 
     ``initial`` may also be the :attr:`Samples.last_state` of an earlier run: the
     chains go on from its positions with its adapted per-chain step sizes (kept
     as they are with ``warmup_steps=0``, the starting point of a new adaptation
-    otherwise), the kinetic kernels' momenta and its step counter.
+    otherwise), the underdamped kernel's velocities and its step counter.
 
     The model's tensor arguments are checked first: an empty batch, NaN or Inf,
     or (floating point) values so large that their squares overflow the dtype
@@ -137,13 +141,15 @@ def sample(model_or_potential, kernel, num_chains, num_samples, warmup_steps=0, 
 
     During warmup, kernels with ``adapt_step_size`` (MALA, HMC) adapt each chain's
     step size toward their ``target_accept_prob`` by
-    :class:`~pyro_ebm.mcmc.adaptation.StepSizeAdaptation`. A divergent step
+    :class:`~pyro_ebm.mcmc.adaptation.StepSizeAdaptation`, on the ``accept_prob``
+    of each step's :class:`~pyro_ebm.mcmc.kernels.KernelInfo`. A divergent step
     (non-finite proposal) leaves that chain in place and is counted; the run goes
     on, unless every chain diverges on 100 consecutive steps (or on every step of
     a shorter run): then no chain can move and the run stops with an error.
 
-    :param model_or_potential: Pyro model, potential callable or ``LatentPotential``.
-    :param kernel: a kernel from :mod:`pyro_ebm.mcmc.kernels`.
+    :param callable model: a Pyro model (not with ``potential_fn``).
+    :param kernel: a kernel from :mod:`pyro_ebm.mcmc.kernels`, or any object with
+        ``init(position, potential) -> state`` and ``step(state) -> (state, info)``.
     :param int num_chains: chains C, run as one batch.
     :param int num_samples: draws kept per chain.
     :param int warmup_steps: steps before the first kept draw.
@@ -154,6 +160,7 @@ def sample(model_or_potential, kernel, num_chains, num_samples, warmup_steps=0, 
     :param progress: show a progress bar with acceptance and divergences; ``None``
         (default) shows it only when standard error is a terminal (see
         :func:`pyro_ebm.progress.progress_enabled`).
+    :param callable potential_fn: a potential ``U`` (not with ``model``).
     :returns: :class:`Samples`.
 
     >>> samples = mcmc.sample(model, mcmc.MALA(0.1), num_chains=1024, num_samples=500,
@@ -162,23 +169,35 @@ def sample(model_or_potential, kernel, num_chains, num_samples, warmup_steps=0, 
     >>> samples.summary()
     >>> more = mcmc.sample(model, mcmc.MALA(0.1), 1024, 500, model_args=(v,),
     ...                    initial=samples.last_state)   # the same chains, 500 more draws
+    >>> gauss = mcmc.sample(potential_fn=lambda x: 0.5 * x.pow(2).sum(-1), kernel=mcmc.HMC(0.3),
+    ...                     num_chains=64, num_samples=200, warmup_steps=200,
+    ...                     initial=torch.zeros(64, 2))
+    >>> gauss.get_samples()["x"].shape            # (64, 200, 2)
     """
+    _check_model_or_potential(model, potential_fn, model_args, model_kwargs, initial)
+    if kernel is None or not all(callable(getattr(kernel, attr, None)) for attr in ("init", "step")):
+        raise TypeError("kernel must have init(position, potential) -> state and "
+                        f"step(state) -> (state, info), got {kernel!r}")
     for name, value, low in (("num_chains", num_chains, 1), ("num_samples", num_samples, 1),
                              ("warmup_steps", warmup_steps, 0), ("thin", thin, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    for attr in ("init", "step"):
-        if not callable(getattr(kernel, attr, None)):
-            raise TypeError(f"kernel must have init(position, potential) and step(state), got {kernel!r}")
     model_kwargs = model_kwargs or {}
-    labels = _argument_labels(model_or_potential, model_args, model_kwargs)
+    labels = _argument_labels(model, model_args, model_kwargs) if model is not None else {}
     _check_model_arguments(model_args, model_kwargs, labels)
     last = initial if isinstance(initial, KernelState) else None
     if last is not None:
         initial = last.position
+    potential = None
     try:
-        potential, position, unpack = _setup(model_or_potential, num_chains, model_args, model_kwargs,
-                                             initial)
+        if potential_fn is None:
+            potential = _model_potential(model, model_args, model_kwargs, initial)
+        else:
+            potential = potential_fn
+        if isinstance(potential, LatentPotential):
+            position, unpack = _latent_initial(potential, num_chains, initial), potential.unpack
+        else:
+            position, unpack = _plain_initial(num_chains, initial), _as_x
         with torch.no_grad():
             state = kernel.init(position, potential)
     except RuntimeError as err:  # torch refusing an integer tensor somewhere in the model
@@ -205,6 +224,34 @@ def sample(model_or_potential, kernel, num_chains, num_samples, warmup_steps=0, 
         return _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress)
 
 
+def _check_model_or_potential(model, potential_fn, model_args, model_kwargs, initial):
+    """Exactly one of ``model`` and ``potential_fn``, each with what it needs."""
+    if model is not None and potential_fn is not None:
+        raise ValueError("mcmc.sample takes either model= (a Pyro model) or potential_fn= (a potential "
+                         "U(x)), not both")
+    if model is None and potential_fn is None:
+        raise ValueError("mcmc.sample needs a target: model= (a Pyro model, with model_args=...) or "
+                         "potential_fn= (a potential U(x) of positions (num_chains, *event), with "
+                         "initial=...)")
+    if model is not None:
+        if isinstance(model, LatentPotential):
+            raise TypeError("model is a LatentPotential, a potential rather than a Pyro model: pass it "
+                            "as potential_fn=")
+        if not callable(model):
+            raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+        return
+    if not callable(potential_fn):
+        raise TypeError(f"potential_fn must be callable as potential_fn(x) -> (num_chains,), got "
+                        f"{type(potential_fn).__name__}")
+    if model_args or model_kwargs:
+        raise ValueError("model_args and model_kwargs are the arguments of a Pyro model; a potential_fn "
+                         "takes the positions alone (bind other arguments in a closure or "
+                         "functools.partial)")
+    if initial is None:
+        raise ValueError("potential_fn needs initial positions: initial=<tensor of shape (num_chains, "
+                         "*event)> (or a Samples.last_state)")
+
+
 def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress):
     adaptation = StepSizeAdaptation.for_kernel(kernel, state, warmup_steps)
     # divergent steps per chain so far: one in-place add per step, read on the host
@@ -217,26 +264,27 @@ def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress):
     stuck_limit = min(_STUCK_STEPS, total)
     stuck, checked_at, div_at_check = 0, 0, div_count.clone()  # steps on which every chain diverged
     draws = {"position": [], "accept_prob": [], "step_size": [], "potential_energy": [], "diverging": []}
-    energies = [] if state.momentum is not None else None
+    energies = []  # the Hamiltonian, from kernels whose info reports one
     acc_sum = torch.zeros_like(state.potential_energy)
     for i in range(total):
-        state = kernel.step(state)
-        div_count += state.diverging
+        step_size = state.step_size  # the step size this step runs at
+        state, info = kernel.step(state)
+        div_count += info.diverging
         if i < warmup_steps:
             if adaptation is not None:
-                state = adaptation.step(state, final=i + 1 == warmup_steps)
+                state = adaptation.step(state, info, final=i + 1 == warmup_steps)
             if i + 1 == warmup_steps:
                 warm_div = div_count.clone()
         elif (i - warmup_steps + 1) % thin == 0:
             draws["position"].append(state.position)
-            draws["accept_prob"].append(state.accept_prob)
-            draws["step_size"].append(state.step_size)
+            draws["accept_prob"].append(info.accept_prob)
+            draws["step_size"].append(step_size)
             draws["potential_energy"].append(state.potential_energy)
-            draws["diverging"].append(state.diverging)
-            if energies is not None:
-                energies.append(state.potential_energy + 0.5 * state.momentum.pow(2).flatten(1).sum(-1))
+            draws["diverging"].append(info.diverging)
+            if info.energy is not None:
+                energies.append(info.energy)
         if bar is not None:
-            acc_sum += state.accept_prob
+            acc_sum += info.accept_prob
         if (i + 1) % refresh == 0 or i + 1 == total:
             # every chain diverged on every step since the last check iff the fewest
             # divergences any chain had since then equals the number of steps
@@ -258,7 +306,7 @@ def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress):
         bar.close()
     positions = torch.stack(draws.pop("position"), 1)
     stats = {k: torch.stack(v, 1) for k, v in draws.items()}
-    if energies is not None:
+    if energies:
         stats["energy"] = torch.stack(energies, 1)
     return Samples(positions, stats, unpack, warm_div, state)
 
@@ -282,7 +330,7 @@ def _raise_stuck(kernel, state, steps, i, warmup_steps):
 
 def _go_on_from(state, last):
     """``state`` (fresh from ``kernel.init`` at ``last.position``) with the step
-    sizes, momenta and step counter of ``last``, the state to go on from."""
+    sizes, velocities and step counter of ``last``, the state to go on from."""
     momentum = state.momentum
     if momentum is not None and last.momentum is not None and last.momentum.shape == momentum.shape:
         momentum = last.momentum.to(momentum)
@@ -290,32 +338,21 @@ def _go_on_from(state, last):
                           iteration=last.iteration)
 
 
-def _setup(target, num_chains, model_args, model_kwargs, initial):
-    """Resolve the potential, the initial positions and the unpacking of draws."""
-    if isinstance(target, LatentPotential):
-        return target, _latent_initial(target, num_chains, initial), target.unpack
-    if not callable(target):
-        raise TypeError(f"expected a Pyro model or a potential function, got {type(target).__name__}")
-    if torch.is_tensor(initial) and not model_args and not model_kwargs and _takes_one_argument(target):
-        if initial.dim() < 2 or initial.shape[0] != num_chains:
-            raise ValueError(
-                f"initial positions for a potential must have shape (num_chains={num_chains}, "
-                f"*event), got {tuple(initial.shape)}"
-            )
-        return target, initial.detach(), _as_x
+def _model_potential(model, model_args, model_kwargs, initial):
+    """The latent potential of the Pyro model ``model`` run on its arguments."""
     from ..infer.score_matching import energy_view
 
-    view = energy_view(target)
-    name = getattr(target, "__name__", "this callable")
+    view = energy_view(model)
+    name = getattr(model, "__name__", "this callable")
     try:
-        potential = view.latent_potential(*model_args, **model_kwargs)
+        return view.latent_potential(*model_args, **model_kwargs)
     except TypeError as err:
-        if not model_args and not model_kwargs and initial is None:
-            raise TypeError(
-                f"{err}. If {name} is a plain potential "
-                "U(x) rather than a Pyro model, pass initial positions of shape (num_chains, dim)"
-            ) from err
-        raise
+        if model_args or model_kwargs:
+            raise
+        raise TypeError(
+            f"{err}. If {name} is a potential U(x) rather than a Pyro model, pass it as "
+            "potential_fn= with initial positions of shape (num_chains, *event)"
+        ) from err
     except ValueError as err:
         if not str(err).startswith("Expected "):  # torch.distributions' validation
             raise
@@ -325,7 +362,19 @@ def _setup(target, num_chains, model_args, model_kwargs, initial):
             "Inf parameter (for a pyro.factor, the Unit distribution's log_factor) comes from the "
             "model's computation or its data"
         ) from err
-    return potential, _latent_initial(potential, num_chains, initial), potential.unpack
+
+
+def _plain_initial(num_chains, initial):
+    """Initial positions ``(num_chains, *event)`` for a plain potential."""
+    if not torch.is_tensor(initial):
+        raise TypeError(f"initial for a potential_fn must be a tensor of shape (num_chains, *event) or a "
+                        f"Samples.last_state, got {type(initial).__name__}")
+    if initial.dim() < 2 or initial.shape[0] != num_chains:
+        raise ValueError(
+            f"initial positions for a potential must have shape (num_chains={num_chains}, "
+            f"*event), got {tuple(initial.shape)}"
+        )
+    return initial.detach()
 
 
 def _tensor_arguments(model_args, model_kwargs):
@@ -379,18 +428,6 @@ def _describe_initial(initial):
     if isinstance(initial, str):
         return "drawn uniformly on (-2, 2) in the unconstrained space"
     return "as given by initial"
-
-
-def _takes_one_argument(fn):
-    """Whether ``fn(x)`` is a valid call (a potential); a Pyro model without
-    arguments is not."""
-    try:
-        inspect.signature(fn).bind(None)
-    except TypeError:
-        return False
-    except ValueError:  # no signature available (some builtins): assume a potential
-        return True
-    return True
 
 
 def _as_x(z):

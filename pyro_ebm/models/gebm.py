@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -11,6 +12,7 @@ import torch
 from pyro.nn import PyroModule
 
 from ..energy import check_finite
+from ..progress import progress_bar
 
 __all__ = ["GEBM"]
 
@@ -132,22 +134,34 @@ class GEBM(PyroModule):
         """Samples of :math:`Q`: ``num_samples`` independent chains of ``kernel``
         on the latent posterior :math:`\\nu`, started at base draws
         :math:`z \\sim \\mathcal N(0, I)` (or at ``initial``, shape
-        ``(num_samples, latent_dim)``) and run for ``num_steps`` steps by
-        :func:`pyro_ebm.mcmc.sample`; returns :math:`G_\\theta(z)` at the last
-        step, shape ``(num_samples, *event_shape)`` (and the latents if
-        ``return_latent``). Kernels with a target acceptance rate (``MALA``,
-        ``HMC``) adapt each chain's step size during all steps but the last.
+        ``(num_samples, latent_dim)``) and run for ``num_steps`` steps; returns
+        :math:`G_\\theta(z)` at the last step, shape ``(num_samples, *event_shape)``
+        (and the latents if ``return_latent``).
+
+        The chains run through the kernel's own interface,
+        ``state = kernel.init(z, U)`` and ``state, info = kernel.step(state)`` on
+        :math:`U = -\\log\\nu` (:meth:`latent_potential`), at the kernel's step
+        size: there is no warmup adaptation. For step sizes adapted toward a
+        target acceptance rate, diagnostics or many draws per chain, run the
+        driver on the same potential,
+        ``mcmc.sample(potential_fn=gebm.latent_potential(), kernel=kernel, ...,
+        initial=z)``. Chains with a divergent (non-finite) step stay where they
+        were for that step, and a ``RuntimeWarning`` says how many.
 
         :param kernel: a kernel of :mod:`pyro_ebm.mcmc` (``ULA``, ``MALA``,
-            ``UnderdampedLangevin``, ``HMC``).
+            ``UnderdampedLangevin``, ``HMC``), or any object with
+            ``init(position, potential) -> state`` and
+            ``step(state) -> (state, info)``.
         :param int num_steps: kernel steps per chain (0 returns base draws).
+        :param bool progress: show a progress bar over the steps.
         """
-        from ..mcmc import sample as run_chains
-
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
         if int(num_steps) != num_steps or num_steps < 0:
             raise ValueError(f"num_steps must be a non-negative integer, got {num_steps}")
+        if not all(callable(getattr(kernel, attr, None)) for attr in ("init", "step")):
+            raise TypeError(f"kernel must have init(position, potential) -> state and "
+                            f"step(state) -> (state, info), got {kernel!r}")
         num_samples, num_steps = int(num_samples), int(num_steps)
         if initial is None:
             z = self.sample_latent(num_samples)
@@ -160,13 +174,28 @@ class GEBM(PyroModule):
                 )
             check_finite("initial latents", z)
         if num_steps > 0:
-            chains = run_chains(self.latent_potential(), kernel, num_chains=num_samples, num_samples=1,
-                                warmup_steps=num_steps - 1, initial=z, progress=progress)
-            z = chains.get_samples()["z"][:, -1, 0]  # (chain, draw, 1, latent_dim)
+            z = self._run_chains(z, kernel, num_steps, progress)
         with torch.no_grad():
             x = self.generator(z)
         check_finite(f"GEBM samples after {num_steps} {type(kernel).__name__} steps", x)
         return (x, z) if return_latent else x
+
+    def _run_chains(self, z, kernel, num_steps, progress):
+        """``num_steps`` steps of ``kernel`` from ``z`` on :math:`-\\log\\nu`; the last positions."""
+        with torch.no_grad():  # the kernels take their gradients themselves, detached
+            state = kernel.init(z, self.latent_potential())
+            diverged = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+            for _ in progress_bar(range(num_steps), desc="GEBM chains", progress=progress):
+                state, info = kernel.step(state)
+                diverged |= info.diverging
+        num_bad = int(diverged.sum())
+        if num_bad:
+            warnings.warn(
+                f"{num_bad} of {len(diverged)} GEBM latent chains had a non-finite {type(kernel).__name__} "
+                "step (they stayed put for that step); lower the kernel's step size",
+                RuntimeWarning,
+            )
+        return state.position
 
     def log_partition_estimate(self, num_samples: int, batch_size: int = 65536):
         """Monte Carlo estimate of :math:`\\log Z = \\log \\mathbb E_{z\\sim\\eta}

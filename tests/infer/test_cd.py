@@ -58,7 +58,7 @@ class FixedNegatives:
         return _Fixed(self.negatives.reshape(len(self.negatives), -1))
 
     def step(self, state):
-        return state
+        return state, None
 
 
 def free_energy_grads(g, v):

@@ -9,17 +9,20 @@ from pyro.ops.dual_averaging import DualAveraging
 
 from pyro_ebm import mcmc
 from pyro_ebm.mcmc.adaptation import StepSizeAdaptation
-from pyro_ebm.mcmc.kernels import KernelState
+from pyro_ebm.mcmc.kernels import KernelInfo, KernelState
 
 DT = torch.float64
 
 
-def _state(step_size, accept_prob):
-    n = step_size.shape[0]
-    zeros = torch.zeros(n, 1, dtype=DT)
+def _state(step_size):
+    zeros = torch.zeros(step_size.shape[0], 1, dtype=DT)
     return KernelState(position=zeros, potential_energy=zeros[:, 0], grad=zeros, step_size=step_size,
-                       accept_prob=accept_prob, diverging=torch.zeros(n, dtype=torch.bool), momentum=None,
-                       potential_fn=None)
+                       momentum=None, potential_fn=None)
+
+
+def _info(accept_prob):
+    flags = torch.zeros(accept_prob.shape, dtype=torch.bool)
+    return KernelInfo(accept_prob=accept_prob, is_accepted=flags, diverging=flags)
 
 
 def _pyro_scalar_run(step_size, target, accept_probs):
@@ -39,11 +42,10 @@ def test_one_chain_matches_pyro_dual_averaging_on_scalars():
     accept = [0.1, 0.9, 0.5, 0.0, 1.0, 0.7, 0.3, 0.65]
     expected = _pyro_scalar_run(0.2, 0.65, accept)
     adaptation = StepSizeAdaptation(torch.tensor([0.2], dtype=DT), target_accept_prob=0.65)
-    state = _state(torch.tensor([0.2], dtype=DT), None)
+    state = _state(torch.tensor([0.2], dtype=DT))
     got = []
     for t, a in enumerate(accept):
-        state = adaptation.step(state._replace(accept_prob=torch.tensor([a], dtype=DT)),
-                                final=t + 1 == len(accept))
+        state = adaptation.step(state, _info(torch.tensor([a], dtype=DT)), final=t + 1 == len(accept))
         got.append(float(state.step_size[0]))
     assert got == pytest.approx(expected, rel=1e-12)
 
@@ -53,10 +55,10 @@ def test_chains_adapt_independently_in_one_tensor():
     eps0 = [0.01, 0.3, 2.0]
     accept = torch.tensor([[0.9, 0.2, 0.0], [1.0, 0.5, 0.1], [0.8, 0.6, 0.3], [0.95, 0.7, 0.05]], dtype=DT)
     adaptation = StepSizeAdaptation(torch.tensor(eps0, dtype=DT), target_accept_prob=0.57)
-    state = _state(torch.tensor(eps0, dtype=DT), None)
+    state = _state(torch.tensor(eps0, dtype=DT))
     got = []
     for t, row in enumerate(accept):
-        state = adaptation.step(state._replace(accept_prob=row), final=t + 1 == len(accept))
+        state = adaptation.step(state, _info(row), final=t + 1 == len(accept))
         got.append(state.step_size.tolist())
     for chain in range(3):
         expected = _pyro_scalar_run(eps0[chain], 0.57, accept[:, chain].tolist())
@@ -64,7 +66,7 @@ def test_chains_adapt_independently_in_one_tensor():
 
 
 def test_for_kernel_only_when_warmup_and_adapting():
-    state = _state(torch.ones(2, dtype=DT), torch.ones(2, dtype=DT))
+    state = _state(torch.ones(2, dtype=DT))
     assert StepSizeAdaptation.for_kernel(mcmc.MALA(0.1), state, warmup_steps=0) is None
     assert StepSizeAdaptation.for_kernel(mcmc.ULA(0.1), state, warmup_steps=10) is None
     assert StepSizeAdaptation.for_kernel(mcmc.MALA(0.1, adapt_step_size=False), state, 10) is None
@@ -85,7 +87,7 @@ def test_each_chain_reaches_its_target_on_its_own_scale(make, target):
     def pot(x):
         return 0.5 * (x / scales[:, None]).pow(2).sum(-1)
 
-    samples = mcmc.sample(pot, make(), 200, 300, warmup_steps=300,
+    samples = mcmc.sample(potential_fn=pot, kernel=make(), num_chains=200, num_samples=300, warmup_steps=300,
                           initial=scales[:, None] * torch.randn(200, 3, dtype=DT), progress=False)
     step = samples.stats["step_size"][:, 0].view(5, 40)
     assert (step[1:].mean(1) > 3 * step[:-1].mean(1)).all()  # scales grow by 3.16x per group

@@ -98,8 +98,8 @@ def test_kernel_gaussian_moments(name, make, cov):
     kernel = make()
     warmup = 200 + getattr(kernel, "num_steps", 0)
     init = 3.0 * torch.randn(1000, 2, dtype=DT)
-    samples = mcmc.sample(gaussian_potential, kernel, 1000, 100, warmup_steps=warmup,
-                          initial=init, progress=False)
+    samples = mcmc.sample(potential_fn=gaussian_potential, kernel=kernel, num_chains=1000, num_samples=100,
+                          warmup_steps=warmup, initial=init, progress=False)
     x = samples.get_samples()["x"]
     assert x.shape == (1000, 100, 2) and x.dtype == DT
     assert_gaussian_moments(x, [0.0, 0.0], cov)
@@ -124,8 +124,8 @@ def test_kernel_mixture_moments(name, make, bias):
     torch.manual_seed(2)
     kernel = make()
     init = mixture_draws(1000, gen)
-    samples = mcmc.sample(mixture_potential, kernel, 1000, 100, warmup_steps=100,
-                          initial=init, progress=False)
+    samples = mcmc.sample(potential_fn=mixture_potential, kernel=kernel, num_chains=1000, num_samples=100,
+                          warmup_steps=100, initial=init, progress=False)
     x = samples.get_samples()["x"][..., 0]
     assert_close_mc(x, MIX_MEAN, "mixture mean", bias=bias)
     assert_close_mc((x - MIX_MEAN) ** 2, MIX_VAR, "mixture variance", bias=bias)
@@ -137,8 +137,8 @@ def test_mala_exact_at_large_step():
     torch.manual_seed(3)
     pot = lambda x: 0.5 * x.pow(2).sum(-1)  # noqa: E731
     init = torch.randn(2000, 1, dtype=DT)
-    samples = mcmc.sample(pot, mcmc.MALA(1.5, adapt_step_size=False), 2000, 50, warmup_steps=20,
-                          initial=init, progress=False)
+    samples = mcmc.sample(potential_fn=pot, kernel=mcmc.MALA(1.5, adapt_step_size=False), num_chains=2000,
+                          num_samples=50, warmup_steps=20, initial=init, progress=False)
     x = samples.get_samples()["x"][..., 0]
     assert (samples.stats["step_size"] == 1.5).all()
     assert_close_mc(x, 0.0, "mean")
@@ -153,8 +153,8 @@ def test_ula_bias_shrinks_with_step():
     pot = lambda x: 0.5 * x.pow(2).sum(-1)  # noqa: E731
     biases = []
     for step in (0.4, 0.1):
-        samples = mcmc.sample(pot, mcmc.ULA(step), 2000, 100, warmup_steps=50,
-                              initial=torch.randn(2000, 1, dtype=DT), progress=False)
+        samples = mcmc.sample(potential_fn=pot, kernel=mcmc.ULA(step), num_chains=2000, num_samples=100,
+                              warmup_steps=50, initial=torch.randn(2000, 1, dtype=DT), progress=False)
         x2 = samples.get_samples()["x"][..., 0] ** 2
         expected = 1.0 / (1.0 - step / 2)
         assert_close_mc(x2, expected, f"ULA variance at step {step}")
@@ -172,7 +172,7 @@ def test_annealed_langevin_level_temperature():
     assert schedule.num_steps == 15
     assert [schedule.temperature(i) for i in (0, 4, 5, 10, 99)] == [9.0, 9.0, 3.0, 1.0, 1.0]
     pot = lambda x: 0.5 * x.pow(2).sum(-1)  # noqa: E731
-    samples = mcmc.sample(pot, kernel, 2000, 60, warmup_steps=60,
+    samples = mcmc.sample(potential_fn=pot, kernel=kernel, num_chains=2000, num_samples=60, warmup_steps=60,
                           initial=2 * torch.randn(2000, 1, dtype=DT), progress=False)
     x2 = samples.get_samples()["x"][..., 0] ** 2
     assert_close_mc(x2, 4.0 / (1 - 0.05), "variance at T=4")
@@ -190,8 +190,9 @@ def test_rejection_restores_cached_potential_and_gradient(make):
     rejected = 0
     for _ in range(20):
         before = state.position
-        state = kernel.step(state)
+        state, info = kernel.step(state)
         rejected += int((state.position == before).all(-1).sum())
+        assert torch.equal(info.is_accepted, (state.position != before).any(-1))
         u, g = potential_and_grad(gaussian_potential, state.position)
         torch.testing.assert_close(state.potential_energy, u)
         torch.testing.assert_close(state.grad, g)
@@ -210,8 +211,8 @@ def test_divergent_proposals_are_rejected_and_counted():
 
     for kernel in (mcmc.ULA(0.3), mcmc.MALA(0.5), mcmc.UnderdampedLangevin(0.5), mcmc.HMC(0.5, 3),
                    mcmc.AnnealedLangevin(0.3, [2.0, 1.0], 5)):
-        samples = mcmc.sample(pot, kernel, 300, 50, warmup_steps=10,
-                              initial=torch.zeros(300, 1, dtype=DT), progress=False)
+        samples = mcmc.sample(potential_fn=pot, kernel=kernel, num_chains=300, num_samples=50,
+                              warmup_steps=10, initial=torch.zeros(300, 1, dtype=DT), progress=False)
         x = samples.get_samples()["x"]
         assert torch.isfinite(x).all() and (x <= 1.5).all(), type(kernel).__name__
         assert samples.num_divergences > 0, type(kernel).__name__
@@ -223,8 +224,9 @@ def test_divergent_proposals_are_rejected_and_counted():
 def test_step_size_adaptation_reaches_target():
     """Dual averaging brings MALA's per-chain acceptance near its target."""
     torch.manual_seed(8)
-    samples = mcmc.sample(gaussian_potential, mcmc.MALA(0.01, target_accept_prob=0.6), 500, 50,
-                          warmup_steps=200, initial=torch.randn(500, 2, dtype=DT), progress=False)
+    samples = mcmc.sample(potential_fn=gaussian_potential, kernel=mcmc.MALA(0.01, target_accept_prob=0.6),
+                          num_chains=500, num_samples=50, warmup_steps=200,
+                          initial=torch.randn(500, 2, dtype=DT), progress=False)
     step = samples.stats["step_size"]
     assert (step == step[:, :1]).all()  # fixed after warmup
     assert float(step.mean()) > 0.05  # grew from 0.01
@@ -303,12 +305,45 @@ def test_kernels_follow_dtype_and_keep_no_graph():
                    mcmc.AnnealedLangevin(0.1)):
         state = kernel.init(torch.randn(8, 2), pot)
         for _ in range(3):
-            state = kernel.step(state)
-        for t in (state.position, state.grad, state.potential_energy, state.step_size, state.accept_prob):
+            state, info = kernel.step(state)
+        for t in (state.position, state.grad, state.potential_energy, state.step_size, info.accept_prob):
             assert t.dtype == torch.float32 and t.grad_fn is None
-        assert state.diverging.dtype == torch.bool and state.iteration == 3
+        assert info.diverging.dtype == torch.bool and state.iteration == 3
     assert weight.grad is None
     np.testing.assert_array_equal(weight.detach().numpy(), [1.0, 1.0])
+
+
+def test_step_returns_state_and_info():
+    """step(state) -> (KernelState, KernelInfo): the state holds what the next step
+    needs (a velocity only for the underdamped kernel, which carries it), the info
+    what the step reports; the Hamiltonian U + |v|^2 / 2 of the state after the
+    step for the underdamped kernel, a finite energy >= U for HMC, none otherwise."""
+    from pyro_ebm.mcmc.kernels import KernelInfo, KernelState
+
+    assert not {"accept_prob", "diverging"} & set(KernelState._fields)
+    assert {"accept_prob", "is_accepted", "diverging", "energy"} <= set(KernelInfo._fields)
+    torch.manual_seed(9)
+    for kernel in (mcmc.ULA(0.1), mcmc.MALA(0.3), mcmc.UnderdampedLangevin(0.2), mcmc.HMC(0.3, 3),
+                   mcmc.AnnealedLangevin(0.1, [2.0, 1.0], 2)):
+        name = type(kernel).__name__
+        state = kernel.init(torch.randn(16, 2, dtype=DT), gaussian_potential)
+        out = kernel.step(state)
+        assert isinstance(out, tuple) and len(out) == 2, name
+        state, info = out
+        assert isinstance(state, KernelState) and isinstance(info, KernelInfo), name
+        assert info.accept_prob.shape == info.is_accepted.shape == info.diverging.shape == (16,), name
+        assert info.is_accepted.dtype == torch.bool and state.iteration == 1, name
+        if name == "UnderdampedLangevin":
+            torch.testing.assert_close(info.energy, state.potential_energy
+                                       + 0.5 * state.momentum.pow(2).sum(-1))
+        elif name == "HMC":
+            assert state.momentum is None
+            assert torch.isfinite(info.energy).all() and (info.energy >= state.potential_energy).all()
+        else:
+            assert info.energy is None and state.momentum is None, name
+    # the unadjusted kernels accept every finite proposal
+    state, info = mcmc.ULA(0.1).step(mcmc.ULA(0.1).init(torch.zeros(4, 2, dtype=DT), gaussian_potential))
+    assert info.is_accepted.all() and (info.accept_prob == 1).all() and not info.diverging.any()
 
 
 def test_kernel_keywords_are_pyros():

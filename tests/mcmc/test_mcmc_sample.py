@@ -137,8 +137,9 @@ def test_rhat_and_ess_on_gaussian_with_mala():
     of the draws."""
     torch.manual_seed(3)
     prec = torch.linalg.inv(torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=DT))
-    samples = mcmc.sample(lambda x: 0.5 * ((x @ prec) * x).sum(-1), mcmc.MALA(0.3), 100, 1000,
-                          warmup_steps=300, initial=torch.randn(100, 2, dtype=DT), progress=False)
+    samples = mcmc.sample(potential_fn=lambda x: 0.5 * ((x @ prec) * x).sum(-1), kernel=mcmc.MALA(0.3),
+                          num_chains=100, num_samples=1000, warmup_steps=300,
+                          initial=torch.randn(100, 2, dtype=DT), progress=False)
     table = samples.summary(kind="diagnostics", round_to="none")
     assert list(table.index) == ["x[0]", "x[1]"]
     assert (table["r_hat"] < 1.01).all(), table
@@ -155,8 +156,8 @@ def test_rhat_flags_chains_stuck_in_separate_modes():
         return -torch.logsumexp(-0.5 * ((x - mu) / 0.5) ** 2, -1)
 
     init = torch.cat([torch.full((10, 1), -4.0, dtype=DT), torch.full((10, 1), 4.0, dtype=DT)])
-    samples = mcmc.sample(pot, mcmc.MALA(1e-3, adapt_step_size=False), 20, 200, initial=init,
-                          progress=False)
+    samples = mcmc.sample(potential_fn=pot, kernel=mcmc.MALA(1e-3, adapt_step_size=False), num_chains=20,
+                          num_samples=200, initial=init, progress=False)
     table = samples.summary(kind="diagnostics", round_to="none")
     assert float(table["r_hat"].iloc[0]) > 1.1
 
@@ -166,8 +167,8 @@ def test_rhat_flags_chains_stuck_in_separate_modes():
 def test_thinning_stats_and_continuation():
     torch.manual_seed(5)
     pot = lambda x: 0.5 * x.pow(2).sum(-1)  # noqa: E731
-    samples = mcmc.sample(pot, mcmc.HMC(0.5, 2), 8, 5, warmup_steps=7, thin=3,
-                          initial=torch.zeros(8, 3, dtype=DT), progress=False)
+    samples = mcmc.sample(potential_fn=pot, kernel=mcmc.HMC(0.5, 2), num_chains=8, num_samples=5,
+                          warmup_steps=7, thin=3, initial=torch.zeros(8, 3, dtype=DT), progress=False)
     assert samples.positions.shape == (8, 5, 3)
     assert samples.last_state.iteration == 7 + 5 * 3
     torch.testing.assert_close(samples.get_samples()["x"][:, -1], samples.last_state.position)
@@ -178,13 +179,13 @@ def test_thinning_stats_and_continuation():
     assert (samples.stats["energy"] >= samples.stats["potential_energy"]).all()
     assert samples.warmup_divergences.shape == (8,)
     assert "8 chains x 5 draws" in repr(samples)
-    state = mcmc.HMC(0.5, 2).step(samples.last_state)
+    state, info = mcmc.HMC(0.5, 2).step(samples.last_state)
     assert state.iteration == 23
 
 
 def test_progress_bar_shows_acceptance_and_divergences(capsys):
-    mcmc.sample(lambda x: 0.5 * x.pow(2).sum(-1), mcmc.MALA(0.5), 4, 20, warmup_steps=10,
-                initial=torch.zeros(4, 1), progress=True)
+    mcmc.sample(potential_fn=lambda x: 0.5 * x.pow(2).sum(-1), kernel=mcmc.MALA(0.5), num_chains=4,
+                num_samples=20, warmup_steps=10, initial=torch.zeros(4, 1), progress=True)
     err = capsys.readouterr().err
     assert "accept=" in err and "divergences=0" in err and "sample" in err
 
@@ -228,11 +229,13 @@ def test_bad_initial_values():
     x = torch.zeros(4, 2)
     x[1, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
-        mcmc.sample(pot, mcmc.MALA(0.1), 4, 2, initial=x, progress=False)
+        mcmc.sample(potential_fn=pot, kernel=mcmc.MALA(0.1), num_chains=4, num_samples=2, initial=x,
+                    progress=False)
     with pytest.raises(ValueError, match=r"num_chains=4"):
-        mcmc.sample(pot, mcmc.MALA(0.1), 4, 2, initial=torch.zeros(5, 2), progress=False)
-    with pytest.raises(TypeError, match="pass initial positions"):
-        mcmc.sample(pot, mcmc.MALA(0.1), 4, 2, progress=False)
+        mcmc.sample(potential_fn=pot, kernel=mcmc.MALA(0.1), num_chains=4, num_samples=2,
+                    initial=torch.zeros(5, 2), progress=False)
+    with pytest.raises(ValueError, match="potential_fn needs initial positions"):
+        mcmc.sample(potential_fn=pot, kernel=mcmc.MALA(0.1), num_chains=4, num_samples=2, progress=False)
     good = {"scale": torch.ones(4, dtype=DT), "h": torch.ones(4, 3, dtype=DT),
             "p": torch.full((4, 3), 1 / 3, dtype=DT)}
     with pytest.raises(ValueError, match=r"site 'h'.*\(4, 3\), got \(4, 2\)"):
@@ -257,6 +260,64 @@ def test_bad_initial_values():
         mcmc.sample(constrained, object(), 2, 2, progress=False)
 
 
+def test_model_or_potential_fn_exactly_one():
+    """mcmc.sample takes a Pyro model (model=) or a potential (potential_fn=), never
+    guessing: both, neither, a potential_fn without initial positions or with
+    model arguments, and a potential given as the model are clear errors."""
+    pot = lambda x: 0.5 * x.pow(2).sum(-1)  # noqa: E731
+    x0 = torch.zeros(4, 2, dtype=DT)
+    kernel = mcmc.MALA(0.1)
+    with pytest.raises(ValueError, match="not both"):
+        mcmc.sample(constrained, kernel, 4, 2, initial=x0, potential_fn=pot, progress=False)
+    with pytest.raises(ValueError, match="needs a target: model=.*potential_fn="):
+        mcmc.sample(kernel=kernel, num_chains=4, num_samples=2, initial=x0, progress=False)
+    with pytest.raises(ValueError, match="potential_fn needs initial positions"):
+        mcmc.sample(potential_fn=pot, kernel=kernel, num_chains=4, num_samples=2, progress=False)
+    with pytest.raises(ValueError, match="model_args and model_kwargs"):
+        mcmc.sample(potential_fn=pot, kernel=kernel, num_chains=4, num_samples=2, initial=x0,
+                    model_args=(x0,), progress=False)
+    with pytest.raises(TypeError, match="potential_fn must be callable"):
+        mcmc.sample(potential_fn=x0, kernel=kernel, num_chains=4, num_samples=2, initial=x0, progress=False)
+    with pytest.raises(TypeError, match="initial for a potential_fn must be a tensor"):
+        mcmc.sample(potential_fn=pot, kernel=kernel, num_chains=4, num_samples=2, initial={"x": x0},
+                    progress=False)
+    # a one-argument callable with a tensor initial is no longer taken for a potential
+    with pytest.raises(TypeError, match="If <lambda> is a potential U\\(x\\).*pass it as potential_fn="):
+        mcmc.sample(pot, kernel, 4, 2, initial=x0, progress=False)
+    from pyro_ebm.infer.score_matching import energy_view
+
+    latent = energy_view(constrained).latent_potential()
+    with pytest.raises(TypeError, match="LatentPotential.*pass it as potential_fn="):
+        mcmc.sample(latent, kernel, 4, 2, progress=False)
+    with pytest.raises(TypeError, match="kernel must have init"):
+        mcmc.sample(potential_fn=pot, num_chains=4, num_samples=2, initial=x0, progress=False)
+
+
+def test_latent_potential_as_potential_fn_matches_the_model():
+    """A LatentPotential given as potential_fn carries its own unpacking: its draws
+    come back by site, equal to the model's run from the same start and seed; its
+    initial may be a dict by site or 'uniform' (but not missing)."""
+    from pyro_ebm.infer.score_matching import energy_view
+
+    init = {"scale": torch.full((4,), 2.0, dtype=DT), "h": torch.ones(4, 3, dtype=DT),
+            "p": torch.full((4, 3), 1 / 3, dtype=DT)}
+    torch.manual_seed(12)
+    by_model = mcmc.sample(constrained, mcmc.MALA(0.1), 4, 5, warmup_steps=3, initial=init, progress=False)
+    latent = energy_view(constrained).latent_potential()
+    torch.manual_seed(12)
+    by_potential = mcmc.sample(potential_fn=latent, kernel=mcmc.MALA(0.1), num_chains=4, num_samples=5,
+                               warmup_steps=3, initial=init, progress=False)
+    got, expected = by_potential.get_samples(), by_model.get_samples()
+    assert set(got) == {"scale", "h", "p"}
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+    uniform = mcmc.sample(potential_fn=latent, kernel=mcmc.ULA(1e-12), num_chains=50, num_samples=1,
+                          initial="uniform", progress=False)
+    assert (uniform.get_samples()["scale"].log().abs() < 2).all()
+    with pytest.raises(ValueError, match="potential_fn needs initial positions"):
+        mcmc.sample(potential_fn=latent, kernel=mcmc.MALA(0.1), num_chains=4, num_samples=2, progress=False)
+
+
 # -- going on from the last state ----------------------------------------------------------
 
 def _temporary_model(center):
@@ -268,10 +329,10 @@ def _temporary_model(center):
 
 
 class Recording:
-    """A kernel that records every state it is stepped from."""
+    """A kernel that records every state it is stepped from and every info it reports."""
 
     def __init__(self, kernel):
-        self.kernel, self.seen = kernel, []
+        self.kernel, self.seen, self.infos = kernel, [], []
 
     def __getattr__(self, name):
         return getattr(self.kernel, name)
@@ -281,7 +342,9 @@ class Recording:
 
     def step(self, state):
         self.seen.append(state)
-        return self.kernel.step(state)
+        state, info = self.kernel.step(state)
+        self.infos.append(info)
+        return state, info
 
 
 def test_last_state_goes_on_after_the_model_is_dropped():
@@ -294,7 +357,7 @@ def test_last_state_goes_on_after_the_model_is_dropped():
     gc.collect()
     state = samples.last_state
     for _ in range(3):
-        state = kernel.step(state)
+        state, _ = kernel.step(state)
     assert state.iteration == 18 and torch.isfinite(state.potential_energy).all()
     assert samples.get_samples()["z"].shape == (6, 5, 2)
 
@@ -319,7 +382,7 @@ def test_sample_from_last_state_continues_chains():
 
     kernel = Recording(mcmc.MALA(0.05, target_accept_prob=0.57))
     mcmc.sample(_temporary_model(center), kernel, 6, 1, warmup_steps=1, initial=last, progress=False)
-    alpha = kernel.seen[1].accept_prob  # of the one warmup step
+    alpha = kernel.infos[0].accept_prob  # of the one warmup step
     # one dual-averaging step from prox center log(10 ε_last): t = 1, x_avg = x_1
     expected = 10 * last.step_size * torch.exp(-(0.57 - alpha) / (0.05 * 11))
     torch.testing.assert_close(kernel.seen[1].step_size, expected)
@@ -328,10 +391,11 @@ def test_sample_from_last_state_continues_chains():
 def test_sample_from_last_state_of_a_potential_keeps_momentum():
     torch.manual_seed(10)
     pot = lambda x: 0.5 * x.pow(2).sum(-1)  # noqa: E731
-    samples = mcmc.sample(pot, mcmc.UnderdampedLangevin(0.1), 4, 3, initial=torch.zeros(4, 2, dtype=DT),
-                          progress=False)
+    samples = mcmc.sample(potential_fn=pot, kernel=mcmc.UnderdampedLangevin(0.1), num_chains=4, num_samples=3,
+                          initial=torch.zeros(4, 2, dtype=DT), progress=False)
     kernel = Recording(mcmc.UnderdampedLangevin(0.1))
-    mcmc.sample(pot, kernel, 4, 1, initial=samples.last_state, progress=False)
+    mcmc.sample(potential_fn=pot, kernel=kernel, num_chains=4, num_samples=1, initial=samples.last_state,
+                progress=False)
     torch.testing.assert_close(kernel.seen[0].momentum, samples.last_state.momentum, rtol=0, atol=0)
     torch.testing.assert_close(kernel.seen[0].position, samples.last_state.position, rtol=0, atol=0)
 
@@ -434,13 +498,14 @@ def test_nan_potential_says_what_is_known():
     with pytest.raises(ValueError, match=r"every one of the 4 chains had a non-finite potential.*"
                                          r"on each of 20 consecutive steps \(1 to 20, warmup and sampling\).*"
                                          r"the step size is 0.1"):
-        mcmc.sample(only_at_zero, mcmc.ULA(0.1), 4, 15, warmup_steps=5, initial=torch.zeros(4, 2, dtype=DT),
-                    progress=False)
+        mcmc.sample(potential_fn=only_at_zero, kernel=mcmc.ULA(0.1), num_chains=4, num_samples=15,
+                    warmup_steps=5, initial=torch.zeros(4, 2, dtype=DT), progress=False)
     # one chain that can move is enough to go on
     start = torch.zeros(4, 2, dtype=DT)
-    samples = mcmc.sample(lambda x: torch.where(x[:, :1].abs().sum(-1) < 10, 0.5 * x.pow(2).sum(-1),
-                                                torch.full_like(x[:, 0], float("nan"))),
-                          mcmc.ULA(0.1), 4, 15, initial=start, progress=False)
+    samples = mcmc.sample(potential_fn=lambda x: torch.where(x[:, :1].abs().sum(-1) < 10,
+                                                             0.5 * x.pow(2).sum(-1),
+                                                             torch.full_like(x[:, 0], float("nan"))),
+                          kernel=mcmc.ULA(0.1), num_chains=4, num_samples=15, initial=start, progress=False)
     assert samples.num_divergences == 0
 
 
@@ -451,8 +516,10 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(capsys, monkeypatch):
     under pytest's capture); PYRO_EBM_PROGRESS=1 forces the bar on."""
     monkeypatch.delenv("PYRO_EBM_PROGRESS", raising=False)
     pot = lambda x: 0.5 * x.pow(2).sum(-1)  # noqa: E731
-    mcmc.sample(pot, mcmc.MALA(0.5), 4, 20, warmup_steps=10, initial=torch.zeros(4, 1))
+    mcmc.sample(potential_fn=pot, kernel=mcmc.MALA(0.5), num_chains=4, num_samples=20, warmup_steps=10,
+                initial=torch.zeros(4, 1))
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("PYRO_EBM_PROGRESS", "1")
-    mcmc.sample(pot, mcmc.MALA(0.5), 4, 20, warmup_steps=10, initial=torch.zeros(4, 1))
+    mcmc.sample(potential_fn=pot, kernel=mcmc.MALA(0.5), num_chains=4, num_samples=20, warmup_steps=10,
+                initial=torch.zeros(4, 1))
     assert "accept=" in capsys.readouterr().err
