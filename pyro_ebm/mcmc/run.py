@@ -353,15 +353,6 @@ def _model_potential(model, model_args, model_kwargs, initial):
             f"{err}. If {name} is a potential U(x) rather than a Pyro model, pass it as "
             "potential_fn= with initial positions of shape (num_chains, *event)"
         ) from err
-    except ValueError as err:
-        if not str(err).startswith("Expected "):  # torch.distributions' validation
-            raise
-        raise ValueError(
-            f"running the model {name} once, with latent values drawn from its own sampling "
-            f"statements, made an invalid distribution: {_first_line(err).rstrip(':')}. A NaN or "
-            "Inf parameter (for a pyro.factor, the Unit distribution's log_factor) comes from the "
-            "model's computation or its data"
-        ) from err
 
 
 def _plain_initial(num_chains, initial):
