@@ -169,8 +169,8 @@ def ksd(x, score, kernel="imq", u_statistic=True, c=1.0, beta=-0.5, bandwidth=No
             q = c * c + r2
             return q.pow(beta), beta * q.pow(beta - 1), beta * (beta - 1) * q.pow(beta - 2)
     elif kernel == "rbf":
-        h2 = (_median_distance(x.detach()) if bandwidth is None else torch.as_tensor(bandwidth)) ** 2
-        h2 = torch.as_tensor(h2, dtype=x.dtype, device=x.device)
+        h = _median_distance(x.detach()) if bandwidth is None else bandwidth
+        h2 = torch.as_tensor(h, dtype=x.dtype, device=x.device) ** 2  # in x's precision
         if not bool(h2 > 0):
             raise ValueError(f"the RBF bandwidth must be > 0, got {float(h2.sqrt())}")
 

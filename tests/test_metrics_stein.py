@@ -155,3 +155,12 @@ def test_frechet_distance_closed_form_and_singular_features():
         warnings.simplefilter("error")
         value = frechet_distance(singular, singular)
     assert abs(value) < 1e-3
+
+
+def test_ksd_float_bandwidth_keeps_double_precision():
+    torch.manual_seed(0)
+    x = torch.randn(50, 2, dtype=torch.float64)
+    h = 0.1 + 1e-9  # not representable in float32
+    a = metrics.ksd(x, -x, kernel="rbf", bandwidth=h)
+    b = metrics.ksd(x, -x, kernel="rbf", bandwidth=torch.tensor(h, dtype=torch.float64))
+    assert a.dtype == torch.float64 and float(a) == float(b)
