@@ -15,7 +15,7 @@ from pyro.optim import PyroOptim
 from ..energy import check_dtype, check_finite, find_nonfinite
 from ..mcmc.amortized import AmortizedLangevin
 from .checks import at_step, check_batch, describe_nonfinite
-from .trainer import Trainer, collect_parameters
+from .trainer import DivergenceError, Trainer, collect_parameters
 
 __all__ = ["MCMCTeaching"]
 
@@ -263,8 +263,10 @@ class MCMCTeaching(Trainer):
             found = find_nonfinite(self.energy_model, (x0,) + tuple(args), kwargs, role="energy model")
             if found is None:
                 raise
-            raise ValueError(f"MCMCTeaching ({where}): the Langevin revision of the decoder means failed "
-                             f"({str(err).splitlines()[0]}): {found} on the decoder means") from err
+            # a NaN / Inf energy: a divergence of the energy level (a ValueError)
+            raise DivergenceError(f"MCMCTeaching ({where}): the Langevin revision of the decoder means "
+                                  f"failed ({str(err).splitlines()[0]}): {found} on the decoder means",
+                                  step=self.num_steps + 1, level="energy") from err
         self.last_init, self.last_revised = x0, x_rev
         return x0, x_rev
 

@@ -315,16 +315,15 @@ class Level:
         when a parameter holds a NaN or an Inf: one fused kernel per group."""
         if self._groups is None:
             groups = {}
-            for p in self.params:
-                groups.setdefault((p.device, p.dtype), []).append(p)
+            for p in self.params:  # detached views, for an in-place check outside no_grad
+                groups.setdefault((p.device, p.dtype), []).append(p.detach())
             self._groups = [(ps, torch.ones((), device=device)) for (device, _), ps in groups.items()]
         flags = []
         for ps, one in self._groups:
             flag = torch.zeros((), device=one.device)
             if self._fused_check:
                 try:  # GradScaler's check (a multiplication by 1 leaves the values as they are)
-                    with torch.no_grad():
-                        torch._amp_foreach_non_finite_check_and_unscale_(ps, flag, one)
+                    torch._amp_foreach_non_finite_check_and_unscale_(ps, flag, one)
                     flags.append(flag)
                     continue
                 except (RuntimeError, NotImplementedError):  # no kernel for this device in this torch
@@ -632,6 +631,12 @@ class Trainer:
         extra = self._save_extra()
         self._records, self._level_now = [], None
         try:
+            return self._checked_run(body, args, kwargs, step, levels, extra)
+        finally:
+            self._records = None
+
+    def _checked_run(self, body, args, kwargs, step, levels, extra):
+        try:
             with torch.enable_grad():  # trains under the caller's no_grad too
                 named = body(args, kwargs)
             keys = [k for k, v in named.items() if torch.is_tensor(v)]
@@ -661,7 +666,6 @@ class Trainer:
             raise self._divergence(found, detail, step, args, kwargs)
         out = {k: v if torch.is_tensor(v) else float(v) for k, v in named.items()}
         out.update(zip(keys, values[: len(keys)], strict=False))
-        self._records = None
         return out
 
     def _first_nonfinite(self, values):
