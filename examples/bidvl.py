@@ -60,7 +60,7 @@ def main(argv=None):
     parser.add_argument("--energy-lr", type=float, default=1e-4)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-weight", type=float, default=1.0)
-    parser.add_argument("--lower-steps", type=int, default=1)
+    parser.add_argument("--inner-steps", type=int, default=1)
     parser.add_argument("--langevin-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="save generated digits to this PNG file")
@@ -75,13 +75,14 @@ def main(argv=None):
     decoder = GaussianDecoder(MLP(args.latent, dim, (args.hidden,)), args.latent, scale=args.decoder_scale)
     encoder = AmortizedNormal(Encoder(dim, args.latent, args.hidden), site="h")
     bidvl = BiDVL(ebm, decoder, encoder,
-                  energy_optim=pyro.optim.Adam({"lr": args.energy_lr, "betas": (0.5, 0.999)}),
+                  optim=pyro.optim.Adam({"lr": args.energy_lr, "betas": (0.5, 0.999)}),
                   vae_optim=pyro.optim.Adam({"lr": args.vae_lr}),
-                  lower_steps=args.lower_steps, vae_weight=args.vae_weight)
+                  inner_steps=args.inner_steps, vae_weight=args.vae_weight)
 
     batches = datasets.batches(x_train, args.batch, seed=args.seed)
     for step, v in zip(range(args.iterations), batches, strict=False):
-        losses = bidvl.step(v)
+        bidvl.step(v)
+        losses = bidvl.last_losses
         if step % max(1, args.iterations // 10) == 0 or step == args.iterations - 1:
             print(f"step {step:5d}  upper {losses['upper']:8.3f}  lower {losses['lower']:9.2f}  "
                   f"-ELBO {losses['neg_elbo']:9.2f}  latent {losses['latent']:6.2f}")

@@ -37,12 +37,13 @@ def main(args):
     # G: 1-D latent -> 2-D curve; E: 2-D -> energy. gebm(n) is the Pyro model of the latents.
     gebm = GEBM(MLP(1, 2, (64, 64)), MLP(2, 1, (64, 64)), latent_dim=1)
     kale = KALE(gebm,
-                energy_optim=pyro.optim.Adam({"lr": 1e-3, "betas": (0.5, 0.9)}),
+                optim=pyro.optim.Adam({"lr": 1e-3, "betas": (0.5, 0.9)}),
                 generator_optim=pyro.optim.Adam({"lr": 1e-3, "betas": (0.5, 0.9)}),
                 critic_steps=5, warmup_critic_steps=min(100, 10 * args.iterations), penalty=1e-3)
     for it in range(args.iterations):
         batch = data[torch.randint(0, len(data), (256,))]
-        losses = kale.step(batch)
+        kale.step(batch)
+        losses = kale.last_losses
         if it % max(1, args.iterations // 10) == 0 or it == args.iterations - 1:
             print(f"iteration {it:5d}  kale {losses['kale']:.4f}  critic {losses['critic_loss']:.4f}  "
                   f"generator {losses['generator_loss']:.4f}")

@@ -13,12 +13,8 @@ import torch
 
 from pyro_ebm import datasets
 from pyro_ebm.guides import AmortizedBernoulli
-from pyro_ebm.infer import DSM, SSM, BiSM, ContrastiveDivergence, VaGES
+from pyro_ebm.infer import DSM, SSM, BiSM, ContrastiveDivergence, ScoreMatching, VaGES
 from pyro_ebm.models import GaussianRBM
-
-
-def no_guide(v):
-    pass
 
 
 def make_trainer(method, grbm, args):
@@ -26,10 +22,10 @@ def make_trainer(method, grbm, args):
     guide = AmortizedBernoulli(2, args.hidden, site="h", temperature=0.1)
     if method == "cd":
         return ContrastiveDivergence(grbm, optim, k=1)
-    if method == "dsm":  # a latent-free model: plain Pyro SVI with a score-matching loss
-        return pyro.infer.SVI(grbm.marginal, no_guide, optim, loss=DSM(args.noise_scale))
-    if method == "ssm":
-        return pyro.infer.SVI(grbm.marginal, no_guide, optim, loss=SSM())
+    if method == "dsm":  # a latent-free model (the free energy): plain score matching
+        return ScoreMatching(grbm.marginal, optim, objective=DSM(args.noise_scale))
+    if method == "ssm":  # the same loss works in Pyro's SVI(grbm.marginal, no_guide, optim, loss=SSM())
+        return ScoreMatching(grbm.marginal, optim, objective=SSM())
     if method == "bidsm":  # the joint model with latent h, and a guide q(h | v)
         return BiSM(grbm, guide, optim, objective=DSM(args.noise_scale), inner_steps=5, unroll_steps=5)
     if method == "bissm":

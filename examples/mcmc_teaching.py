@@ -95,7 +95,7 @@ def main(args):
     ebm, vae_model, vae_guide = make_models(args.hidden, num_classes)
     teaching = MCMCTeaching(
         ebm, vae_model, vae_guide,
-        ebm_optim=pyro.optim.Adam({"lr": args.ebm_lr, "betas": (0.5, 0.999)}),
+        optim=pyro.optim.Adam({"lr": args.ebm_lr, "betas": (0.5, 0.999)}),
         vae_optim=pyro.optim.Adam({"lr": args.vae_lr}),
         kernel=mcmc.ULA(args.step_size), num_langevin_steps=args.langevin_steps,
         noise=not args.no_noise, energy_penalty=args.energy_penalty,
@@ -105,7 +105,8 @@ def main(args):
     bar = progress_bar(itertools.islice(stream, args.iterations), total=args.iterations,
                        progress=False if args.quiet else None)
     for batch in bar:
-        stats = teaching.step(*batch[: len(data)])
+        teaching.step(*batch[: len(data)])
+        stats = teaching.last_losses
         if hasattr(bar, "set_postfix"):  # a tqdm bar, not the bare iterator
             bar.set_postfix(ebm_loss=f"{stats['ebm_loss']:.2f}", E_init=f"{stats['energy_init']:.1f}",
                             E_revised=f"{stats['energy_revised']:.1f}")

@@ -154,13 +154,14 @@ def gebm_section(out: Path, quick: bool, seed: int = 0):
 
     data, test = curve(20000), curve(1000)
     gebm = GEBM(MLP(1, 2, (64, 64)), MLP(2, 1, (64, 64)), latent_dim=1)
-    kale = KALE(gebm, energy_optim=pyro.optim.Adam({"lr": 1e-3, "betas": (0.5, 0.9)}),
+    kale = KALE(gebm, optim=pyro.optim.Adam({"lr": 1e-3, "betas": (0.5, 0.9)}),
                 generator_optim=pyro.optim.Adam({"lr": 1e-3, "betas": (0.5, 0.9)}),
                 critic_steps=5, warmup_critic_steps=10 if quick else 100, penalty=1e-2)
     iterations = 10 if quick else 600
     stream = datasets.batches(data, 256, seed=seed)
     for _ in tqdm(range(iterations), desc="KALE", leave=False):
-        losses = kale.step(next(stream))
+        kale.step(next(stream))
+    losses = kale.last_losses
     bw = (0.05, 0.1, 0.2)
     base = gebm.sample_base(len(test))
     rows = [("base G(z)", float(metrics.mmd(base, test, bandwidths=bw)))]

@@ -101,7 +101,7 @@ def _optims():
 def make_bidvl(seed, width=128, **kwargs):
     energy, decoder, encoder = build(seed, width)
     energy_optim, vae_optim = _optims()
-    args = dict(lower_steps=1, vae_weight=1.0)
+    args = dict(inner_steps=1, vae_weight=1.0)
     args.update(kwargs)
     return BiDVL(energy, decoder, encoder, energy_optim, vae_optim, **args)
 

@@ -54,7 +54,8 @@ def train_curve_gebm(train, iterations, seed, batch_size=256, lr=5e-4, penalty=1
     history = []
     for _ in range(iterations):
         idx = torch.randint(0, len(train), (batch_size,), generator=g)
-        history.append(kale.step(train[idx])["kale"])
+        kale.step(train[idx])
+        history.append(kale.last_losses["kale"])
     return gebm, history
 
 

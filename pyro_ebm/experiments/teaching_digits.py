@@ -151,9 +151,9 @@ def train_teaching(seed, x_train, iterations, y_train=None, progress=None):
                             num_langevin_steps=LANGEVIN_STEPS, energy_penalty=ENERGY_PENALTY)
     data = x_train if y_train is None else (x_train, y_train)
     for i, batch in enumerate(_batches(data, seed, iterations)):
-        stats = teaching.step(*batch) if y_train is not None else teaching.step(batch)
+        teaching.step(*(batch if y_train is not None else (batch,)))
         if progress is not None:
-            progress(i, stats)
+            progress(i, teaching.last_losses)
     return teaching
 
 

@@ -17,9 +17,10 @@ from pyro.poutine.util import site_is_subsample
 from ..energy import check_dtype, check_finite, check_guide_sites, require_reparameterized
 from ..guides import GuideView
 from ..metrics import auroc
-from .bism import apply_grads, guide_parameters
-from .checks import at_step, check_batch, check_loss, describe_nonfinite, diverged_if_invalid
+from .bism import loss_and_grads_by_name, mean_or_nan
+from .checks import at_step, check_batch, describe_nonfinite
 from .score_matching import energy_view
+from .trainer import Trainer, collect_parameters, require_adam
 from .unroll import UnrolledAdam, check_unrollable, functional, trainable_parameters
 
 __all__ = ["BiDVL", "GaussianDecoder"]
@@ -87,13 +88,6 @@ class GaussianDecoder(PyroModule):
             pyro.sample(self.obs_site, dist.Normal(loc, self.scale).to_event(loc.dim() - 1), obs=v)
 
 
-def _param_tensors(trace, found: set):
-    """Add the leaf tensor of every ``pyro.param`` site of ``trace`` to ``found``."""
-    for site in trace.nodes.values():
-        if site["type"] == "param":
-            found.add(site["value"].unconstrained())
-
-
 def _observed(trace, obs_site, conditioned=()):
     observed = [s for s in trace.nodes.values() if s["type"] == "sample" and s["is_observed"]
                 and s["name"] not in conditioned and not s["infer"].get("is_auxiliary")
@@ -117,7 +111,7 @@ def _latents(trace):
             and not s["infer"].get("_deterministic")}
 
 
-class BiDVL:
+class BiDVL(Trainer):
     r"""Bi-level doubly variational learning of a decoupled EBLVM: a marginal
     energy-based model :math:`p_\theta(v) \propto e^{-E_\theta(v)}` with a structural
     posterior :math:`q_\phi(h \mid v)`, learned together with a variational joint
@@ -175,7 +169,7 @@ class BiDVL:
     reparameterized noise, ``decoder_sample="rsample"``) or by its ``.mean``
     (``decoder_sample="mean"``).
 
-    **Upper level** (:math:`\theta` only): one step of ``energy_optim`` on
+    **Upper level** (:math:`\theta` only): one step of ``optim`` on
 
     .. math::
 
@@ -183,7 +177,7 @@ class BiDVL:
 
     with fresh decoder draws :math:`\hat v_j` detached, the maximum-likelihood
     gradient with :math:`q_\psi` standing in for :math:`p_\theta`. Each
-    :meth:`step` takes ``lower_steps`` = K lower-level steps, then the upper
+    :meth:`step` takes ``inner_steps`` = K lower-level steps, then the upper
     step. With ``unroll_steps`` = N > 0, N more lower-level steps are unrolled
     differentiably (fast weights, the same Adam state as ``vae_optim``), the
     draws :math:`\hat v` come from :math:`\psi_N(\theta)` with their graph, and
@@ -196,9 +190,9 @@ class BiDVL:
         :math:`p(h) q_\psi(v \mid h)` with ``v`` observed (a VAE's model).
     :param callable encoder_guide: Pyro guide ``encoder_guide(v, *args)`` of
         :math:`q_\phi(h \mid v)` over the decoder's latent sites (a VAE's guide).
-    :param pyro.optim.PyroOptim energy_optim: optimizer of :math:`\theta`.
+    :param pyro.optim.PyroOptim optim: optimizer of :math:`\theta` (level ``"energy"``).
     :param pyro.optim.PyroOptim vae_optim: optimizer of :math:`\psi` and :math:`\phi`.
-    :param int lower_steps: K ≥ 0 lower-level steps per :meth:`step`.
+    :param int inner_steps: K ≥ 0 lower-level steps per :meth:`step`.
     :param float vae_weight: :math:`\lambda \ge 0`.
     :param int unroll_steps: N ≥ 0 unrolled lower-level steps (0: the upper
         gradient with :math:`\psi` held fixed, the reference design).
@@ -211,7 +205,7 @@ class BiDVL:
     >>> decoder = GaussianDecoder(MLP(16, 64), latent_dim=16)
     >>> encoder = AmortizedNormal(Encoder(), site="h")
     >>> bidvl = BiDVL(ebm, decoder, encoder, pyro.optim.Adam({"lr": 1e-3}),
-    ...               pyro.optim.Adam({"lr": 1e-3}), lower_steps=1, vae_weight=1.0)
+    ...               pyro.optim.Adam({"lr": 1e-3}), inner_steps=1, vae_weight=1.0)
     >>> for v in datasets.batches(x, 100, epochs=50):
     ...     losses = bidvl.step(v)          # {"upper", "lower", "energy_data", ...}
     >>> x = bidvl.generate(64)              # decoder draws
@@ -225,17 +219,19 @@ class BiDVL:
 
     algorithm = "BiDVL"
 
-    def __init__(self, energy_model, decoder_model, encoder_guide, energy_optim, vae_optim, lower_steps=1,
+    main_loss = "upper"
+
+    def __init__(self, energy_model, decoder_model, encoder_guide, optim, vae_optim, inner_steps=1,
                  vae_weight=1.0, unroll_steps=0, latent_loss="mse", decoder_sample="rsample",
                  num_samples=None, obs_site=None):
         for name, fn in (("energy_model", energy_model), ("decoder_model", decoder_model),
                          ("encoder_guide", encoder_guide)):
             if not callable(fn):
                 raise TypeError(f"{name} must be a Pyro model / guide, got {type(fn).__name__}")
-        for name, opt in (("energy_optim", energy_optim), ("vae_optim", vae_optim)):
+        for name, opt in (("optim", optim), ("vae_optim", vae_optim)):
             if not isinstance(opt, pyro.optim.PyroOptim):
                 raise TypeError(f"{name} must be a pyro.optim optimizer, got {type(opt).__name__}")
-        for name, value in (("lower_steps", lower_steps), ("unroll_steps", unroll_steps)):
+        for name, value in (("inner_steps", inner_steps), ("unroll_steps", unroll_steps)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
@@ -250,24 +246,85 @@ class BiDVL:
             why = f"{self.algorithm} with unroll_steps={unroll_steps}"
             check_unrollable(decoder_model, why + " (decoder)")
             check_unrollable(encoder_guide, why + " (encoder)")
-            UnrolledAdam(vae_optim, {})  # fails early for a non-Adam optimizer
+            require_adam(vae_optim, "unrolled lower-level steps")
         self.energy_model, self.decoder_model, self.encoder_guide = energy_model, decoder_model, encoder_guide
-        self.energy_optim, self.vae_optim = energy_optim, vae_optim
-        self.lower_steps, self.unroll_steps = lower_steps, unroll_steps
+        self.optim, self.vae_optim = optim, vae_optim
+        self.inner_steps, self.unroll_steps = inner_steps, unroll_steps
         self.vae_weight = float(vae_weight)
         self.latent_loss, self.decoder_sample = latent_loss, decoder_sample
         self.num_samples, self.obs_site = num_samples, obs_site
         self.view = energy_view(energy_model)
         self.guide_view = GuideView(encoder_guide)
-        # a guide that describes itself and owns its parameters is evaluated
-        # directly (no Pyro run): its parameters are then taken from the module
-        self._own_params = guide_parameters(encoder_guide) if self.guide_view.direct else None
+        # a guide that describes itself and holds no PyroParam (read from the
+        # param store) is evaluated directly, without a Pyro run
+        self._direct = self.guide_view.direct and not any(
+            getattr(m, "_pyro_params", None) for m in encoder_guide.modules())
         self.elbo = Trace_ELBO()
-        self.num_steps = 0
         #: the decoder draws :math:`\hat v` of the last upper-level step (detached)
         self.last_samples = None
         self._like = None
-        self._checked = set()
+        self._num_decoder_params = 0
+        super().__init__({"energy": "optim", "vae": "vae_optim"})
+
+    # -- the trainer contract ------------------------------------------------
+
+    def _validate(self, args, kwargs, where):
+        self._prepare_batch(args[0], args[1:], kwargs, where)
+
+    def _parameters(self, args, kwargs):
+        v, rest = args[0], args[1:]
+        found = collect_parameters({
+            "energy": [(self.energy_model, lambda: self.energy_model(v, *rest, **kwargs))],
+            "decoder": [(self.decoder_model,
+                         lambda: self.decoder_model(torch.zeros_like(v), *rest, **kwargs))],
+            "encoder": [(self.encoder_guide, lambda: self.encoder_guide(v, *rest, **kwargs))],
+        })
+        for part, what in (("energy", "energy model"), ("decoder", "decoder model")):
+            if not found[part]:
+                raise ValueError(f"the {what} has no parameters: register its network with "
+                                 "pyro.module(...) or make it a PyroModule")
+        decoder = found["decoder"]
+        taken = {id(p) for _, p in decoder}
+        encoder = [(n, p) for n, p in found["encoder"] if id(p) not in taken]
+        self._num_decoder_params = len(decoder)
+        return {"energy": found["energy"], "vae": decoder + encoder}
+
+    def _diagnose(self, args, kwargs):
+        return self._diagnoser(args[0], args[1:], kwargs)()
+
+    def _step(self, args, kwargs):
+        """K lower-level steps, then one upper-level step. ``last_losses``:
+        ``upper`` (:math:`J`), ``lower`` (:math:`\\mathcal L`, mean over the K
+        steps), its terms ``energy_sample``, ``entropy``, ``latent``,
+        ``neg_elbo`` (per item, from the last lower step), and ``energy_data``
+        (mean :math:`E` of the batch)."""
+        v, rest = args[0], args[1:]
+        lowers, terms = [], {}
+        for k in range(self.inner_steps):
+            value, terms = self._lower_step(v, rest, kwargs, k)
+            lowers.append(value)
+        self._level_now = "energy"
+        loss, e_data, _ = self._upper_loss(v, rest, kwargs)
+        self._watch("energy", "the upper-level loss", loss)
+        self._minimize("energy", loss, "upper-level update")
+        out = {"upper": loss.detach(), "lower": mean_or_nan(lowers)}
+        out.update(terms)
+        out["energy_data"] = e_data.detach().mean()
+        return out
+
+    def _losses(self, args, kwargs):
+        v, rest = args[0], args[1:]
+        unroll, self.unroll_steps = self.unroll_steps, 0
+        try:
+            with torch.enable_grad():  # Trace_ELBO may need it for its estimator
+                terms = self._lower_terms(v, rest, kwargs)
+                loss, e_data, _ = self._upper_loss(v, rest, kwargs)
+        finally:
+            self.unroll_steps = unroll
+        out = {"upper": loss.detach(), "lower": self._lower_total(terms).detach()}
+        out.update({k: t.detach() if torch.is_tensor(t) else float(t) for k, t in terms.items()})
+        out["energy_data"] = e_data.detach().mean()
+        return out
 
     # -- validation --------------------------------------------------------
 
@@ -276,7 +333,7 @@ class BiDVL:
         key = (tuple(v.shape), v.dtype, v.device.type, len(args), tuple(sorted(kwargs)))
         if key in self._checked:
             return
-        with at_step(self.algorithm, where, self._diagnose(v, args, kwargs)):
+        with at_step(self.algorithm, where, self._diagnoser(v, args, kwargs)):
             self._check_models(v, args, kwargs)
         self._checked.add(key)
 
@@ -324,8 +381,8 @@ class BiDVL:
             )
         self.view.check_model(v, *args, **kwargs)
 
-    def _diagnose(self, v, args, kwargs):
-        """A ``diagnose()`` for :func:`~pyro_ebm.infer.checks.check_loss`: the first
+    def _diagnoser(self, v, args, kwargs):
+        """A ``diagnose()`` for a divergence or a first-run error: the first
         NaN / Inf site of the energy model, the decoder or the encoder on ``v``,
         then of the energy model on the last decoder draws."""
         v = v.detach()
@@ -366,12 +423,10 @@ class BiDVL:
                 f"running the decoder model on a batch shaped like the data {tuple(like.shape)} failed: {err}"
             ) from err
 
-    def _draw(self, n, args, kwargs, weights=None, params=None):
+    def _draw(self, n, args, kwargs, weights=None):
         """Decoder draws: ``(v̂, {site: ĥ}, per-item entropy of q(v | ĥ) or 0)``."""
         like = self._like.new_zeros((n,) + self._like.shape[1:])
         trace = self._decoder_trace(like, args, kwargs, weights)
-        if params is not None:
-            _param_tensors(trace, params)
         fn = self._observed(trace, like)
         h = {name: site["value"] for name, site in _latents(trace).items()}
         if self.decoder_sample == "mean":
@@ -388,27 +443,26 @@ class BiDVL:
         out-of-distribution score."""
         return self._energy(v, args, kwargs)
 
-    def _energy(self, v, args, kwargs, params=None):
-        """:meth:`energy`, adding the energy's parameter tensors to the set ``params``."""
-        with poutine.trace(param_only=True) as tracer:
-            e = -self.view.log_density(v, *args, per_item=True, **kwargs)
-        if params is not None:
-            _param_tensors(tracer.trace, params)
-        return e
+    def _energy(self, v, args, kwargs):
+        return -self.view.log_density(v, *args, per_item=True, **kwargs)
 
-    def _latent_term(self, v_hat, h_hat, args, kwargs, weights=None, params=None):
-        if self._own_params is not None:
+    def _check_draws(self, v_hat):
+        """Decoder draws must be finite: checked at the end of a step (no host
+        sync), or at once outside one."""
+        if self._records is not None:
+            self._watch_value("vae", "the decoder draws v̂", v_hat)
+        else:
+            check_finite("decoder draws v̂", v_hat.detach())
+
+    def _latent_term(self, v_hat, h_hat, args, kwargs, weights=None):
+        if self._direct:
             with self.guide_view.using(weights):
                 qs = self.guide_view.conditionals(v_hat, *args, **kwargs)
-            if params is not None:
-                params.update(self._own_params)
         else:
             guide = functional(self.encoder_guide, weights)
             with poutine.trace() as tracer:
                 guide(v_hat, *args, **kwargs)
             qs = {name: tracer.trace.nodes[name]["fn"] for name in h_hat}
-            if params is not None:
-                _param_tensors(tracer.trace, params)
         n = v_hat.shape[0]
         total = 0.0
         for name, h in h_hat.items():
@@ -419,17 +473,17 @@ class BiDVL:
                 total = total - q.log_prob(h).reshape(n, -1).sum(-1)
         return total.mean()
 
-    def _lower_terms(self, v, args, kwargs, weights=None, dec_params=None, enc_params=None):
+    def _lower_terms(self, v, args, kwargs, weights=None):
         """The lower-level terms (each a 0-dim tensor with a graph), as a dict."""
         dec_w = enc_w = None
         if weights is not None:
             dec_w, enc_w = weights
         n = self.num_samples or v.shape[0]
-        v_hat, h_hat, entropy = self._draw(n, args, kwargs, dec_w, dec_params)
-        check_finite("decoder draws v̂", v_hat.detach())
+        v_hat, h_hat, entropy = self._draw(n, args, kwargs, dec_w)
+        self._check_draws(v_hat)
         terms = {"energy_sample": self.energy(v_hat, *args, **kwargs).mean(),
                  "entropy": entropy.mean() if torch.is_tensor(entropy) else entropy,
-                 "latent": self._latent_term(v_hat, h_hat, args, kwargs, enc_w, enc_params)}
+                 "latent": self._latent_term(v_hat, h_hat, args, kwargs, enc_w)}
         if self.vae_weight > 0:
             model, guide = functional(self.decoder_model, dec_w), functional(self.encoder_guide, enc_w)
             terms["neg_elbo"] = self.elbo.differentiable_loss(model, guide, v, *args, **kwargs) / v.shape[0]
@@ -442,123 +496,64 @@ class BiDVL:
                 + self.vae_weight * terms["neg_elbo"])
 
     def _lower_step(self, v, args, kwargs, k):
-        dec_params, enc_params = set(), set()
-        terms = self._lower_terms(v, args, kwargs, dec_params=dec_params, enc_params=enc_params)
+        self._level_now = "vae"
+        terms = self._lower_terms(v, args, kwargs)
         total = self._lower_total(terms)
-        value = float(total.detach())
-        check_loss(self.algorithm, self.num_steps + 1, f"lower-level (step {k + 1})", value,
-                   self._diagnose(v, args, kwargs))
-        if not dec_params:
-            raise ValueError("the decoder model has no parameters: register its network with "
-                             "pyro.module(...) or make it a PyroModule")
-        dec_params = list(dec_params)
-        enc_params = [p for p in enc_params if p not in set(dec_params)]
-        grads = list(torch.autograd.grad(total, dec_params, retain_graph=True, allow_unused=True))
+        self._watch("vae", f"the lower-level (step {k + 1}) loss", total)
+        params = self.levels["vae"].params
+        dec, enc = params[:self._num_decoder_params], params[self._num_decoder_params:]
+        grads = list(torch.autograd.grad(total, dec, retain_graph=bool(enc), allow_unused=True))
         # the encoder learns from the ELBO only (frozen in the latent term)
-        if enc_params and self.vae_weight > 0:
-            grads += torch.autograd.grad(self.vae_weight * terms["neg_elbo"], enc_params, allow_unused=True)
+        if enc and self.vae_weight > 0:
+            grads += torch.autograd.grad(self.vae_weight * terms["neg_elbo"], enc, allow_unused=True)
         else:
-            enc_params = []
-        apply_grads(self.vae_optim, dec_params + enc_params, grads)
-        return value, {k: float(t.detach()) if torch.is_tensor(t) else float(t) for k, t in terms.items()}
+            grads += [None] * len(enc)
+        self._apply("vae", grads, f"lower-level step {k + 1}")
+        return total.detach(), {k: t.detach() if torch.is_tensor(t) else float(t) for k, t in terms.items()}
 
     def _unrolled_weights(self, v, args, kwargs):
         """The decoder's and encoder's fast weights after N differentiable lower steps."""
         dec_w = trainable_parameters(self.decoder_model)
         enc_w = trainable_parameters(self.encoder_guide)
-        dec_adam, enc_adam = UnrolledAdam(self.vae_optim, dec_w), UnrolledAdam(self.vae_optim, enc_w)
+        optimizer = self.levels["vae"].optimizer
+        dec_adam, enc_adam = UnrolledAdam(optimizer, dec_w), UnrolledAdam(optimizer, enc_w)
         for n in range(self.unroll_steps):
             terms = self._lower_terms(v, args, kwargs, weights=(dec_w, enc_w))
             total = self._lower_total(terms)
-            check_loss(self.algorithm, self.num_steps + 1, f"unrolled lower-level (step {n + 1})",
-                       float(total.detach()), self._diagnose(v, args, kwargs))
+            if self._records is not None:
+                self._watch("vae", f"the unrolled lower-level (step {n + 1}) loss", total.detach())
             new_dec = dec_adam.step(total, dec_w)
             if self.vae_weight > 0:
                 enc_w = enc_adam.step(self.vae_weight * terms["neg_elbo"], enc_w)
             dec_w = new_dec
         return dec_w
 
-    def _upper_loss(self, v, args, kwargs, params):
+    def _upper_loss(self, v, args, kwargs):
         n = self.num_samples or v.shape[0]
         if self.unroll_steps:
             v_hat = self._draw(n, args, kwargs, self._unrolled_weights(v, args, kwargs))[0]
         else:
             with torch.no_grad():
                 v_hat = self._draw(n, args, kwargs)[0]
-        check_finite("decoder draws v̂", v_hat.detach())
+        self._check_draws(v_hat)
         self.last_samples = v_hat.detach()
         if args or kwargs:  # per-item arguments: one run per batch
-            e_data = self._energy(v, args, kwargs, params)
-            e_sample = self._energy(v_hat, args, kwargs, params)
+            e_data = self._energy(v, args, kwargs)
+            e_sample = self._energy(v_hat, args, kwargs)
         else:  # one run over data and draws together
-            both = self._energy(torch.cat([v, v_hat.to(v.dtype)]), (), {}, params)
+            both = self._energy(torch.cat([v, v_hat.to(v.dtype)]), (), {})
             e_data, e_sample = both.split([v.shape[0], v_hat.shape[0]])
         return e_data.mean() - e_sample.mean(), e_data, e_sample
 
     # -- public ------------------------------------------------------------
 
-    def step(self, v, *args, **kwargs) -> dict:
-        """One BiDVL iteration on the data batch ``v``: K lower-level steps, then one
-        upper-level step. Extra arguments go to all three Pyro callables.
-
-        :returns: dict with ``upper`` (:math:`J`), ``lower`` (:math:`\\mathcal L`,
-            mean over the K steps), its terms ``energy_sample``, ``entropy``,
-            ``latent``, ``neg_elbo`` (per item, from the last lower step), and
-            ``energy_data`` (mean :math:`E` of the batch).
-        """
-        self._prepare(v, args, kwargs, f"step {self.num_steps + 1}")
-        diverged = diverged_if_invalid(self.algorithm, self.num_steps + 1, self._diagnose(v, args, kwargs))
-        with torch.enable_grad(), diverged:
-            lowers, terms = [], {}
-            for k in range(self.lower_steps):
-                value, terms = self._lower_step(v, args, kwargs, k)
-                lowers.append(value)
-            params = set()
-            loss, e_data, _ = self._upper_loss(v, args, kwargs, params)
-            value = float(loss.detach())
-            check_loss(self.algorithm, self.num_steps + 1, "upper-level", value,
-                       self._diagnose(v, args, kwargs))
-            if not params:
-                raise ValueError("the energy model has no parameters: register its network with "
-                                 "pyro.module(...) or make it a PyroModule")
-            params = list(params)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        apply_grads(self.energy_optim, params, grads)
-        self.num_steps += 1
-        out = {"upper": value, "lower": sum(lowers) / len(lowers) if lowers else math.nan}
-        out.update(terms)
-        out["energy_data"] = float(e_data.detach().mean())
-        return out
-
-    def evaluate_loss(self, v, *args, **kwargs) -> dict:
-        """The quantities of :meth:`step` (upper loss without unrolling, one
-        lower-level evaluation) on fresh draws, with no update."""
-        self._prepare(v, args, kwargs, "evaluate_loss")
-        unroll, self.unroll_steps = self.unroll_steps, 0
-        try:
-            with torch.enable_grad():  # Trace_ELBO may need it for its estimator
-                terms = self._lower_terms(v, args, kwargs)
-                loss, e_data, _ = self._upper_loss(v, args, kwargs, None)
-        finally:
-            self.unroll_steps = unroll
-        out = {"upper": float(loss.detach()), "lower": float(self._lower_total(terms).detach())}
-        out.update({k: float(t.detach()) if torch.is_tensor(t) else float(t) for k, t in terms.items()})
-        out["energy_data"] = float(e_data.detach().mean())
-        return out
-
     def hypergradient(self, v, *args, **kwargs):
         """The upper loss :math:`J(\\theta, \\psi_N(\\theta))` (a float) and its total
         derivative in the energy's parameters, ``{param-store name: gradient}``, at
         the current parameters; nothing is updated."""
-        self._prepare(v, args, kwargs, "hypergradient")
-        with torch.enable_grad():
-            params = set()
-            loss = self._upper_loss(v, args, kwargs, params)[0]
-            params = list(params)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        store = pyro.get_param_store()
-        return float(loss.detach()), {store.param_name(p): g for p, g in zip(params, grads, strict=True)
-                                      if g is not None}
+        self._validate((v,) + args, kwargs, "hypergradient")
+        self._prepare((v,) + args, kwargs)
+        return loss_and_grads_by_name(self, "energy", lambda: self._upper_loss(v, args, kwargs)[0])
 
     def generate(self, n, *args, langevin_steps=0, kernel=None, **kwargs):
         """``n`` draws :math:`\\hat v` of the decoder (as in training, see
@@ -624,7 +619,7 @@ class BiDVL:
 
     # -- helpers -----------------------------------------------------------
 
-    def _prepare(self, v, args, kwargs, where):
+    def _prepare_batch(self, v, args, kwargs, where):
         self._check(v, args, kwargs, where)
         n = self.num_samples or v.shape[0]
         if n != v.shape[0] and (args or kwargs):

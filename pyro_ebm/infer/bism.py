@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
 
 import pyro
 import torch
@@ -12,8 +11,9 @@ from pyro import poutine
 
 from ..energy import check_dtype, check_guide_sites, require_reparameterized
 from ..guides import GuideView
-from .checks import at_step, check_batch, check_losses, describe_nonfinite
+from .checks import ALL_FINITE, at_step, check_batch, describe_nonfinite
 from .score_matching import SSM, ScoreObjective, energy_view
+from .trainer import Trainer, collect_parameters, require_adam
 from .unroll import UnrolledAdam, check_unrollable, trainable_parameters
 
 __all__ = ["BiSM", "lower_loss"]
@@ -21,15 +21,7 @@ __all__ = ["BiSM", "lower_loss"]
 LOWER = ("kl", "fisher")
 
 
-@contextmanager
-def _collect_params(found: set):
-    """Add the unconstrained tensors of every ``pyro.param`` run inside to ``found``."""
-    with poutine.trace(param_only=True) as tracer:
-        yield
-    found.update(site["value"].unconstrained() for site in tracer.trace.nodes.values())
-
-
-def lower_loss(kind, model_view, guide, v, args=(), kwargs=None, num_particles=1, guide_params=None):
+def lower_loss(kind, model_view, guide, v, args=(), kwargs=None, num_particles=1):
     r"""The lower-level loss of the guide at data ``v`` (treated as constant), per
     item and particle:
 
@@ -44,22 +36,17 @@ def lower_loss(kind, model_view, guide, v, args=(), kwargs=None, num_particles=1
     :param str kind: ``"kl"`` or ``"fisher"``.
     :param model_view: the model's :class:`~pyro_ebm.energy.EnergyView`.
     :param guide: the guide's :class:`~pyro_ebm.guides.GuideView`.
-    :param set guide_params: if given, the parameters of the guide's ``pyro.param``
-        statements are added to it.
     """
     kwargs = kwargs or {}
     v = v.detach()
     L = num_particles
     chains = L if L > 1 else None
-    collect = nullcontext() if guide_params is None else _collect_params(guide_params)
     if kind == "kl":
-        with collect:
-            values, lq = guide.sample_and_log_density(v, *args, num_particles=L, **kwargs)
+        values, lq = guide.sample_and_log_density(v, *args, num_particles=L, **kwargs)
         lp = model_view.log_density(v, *args, values=values, num_chains=chains, **kwargs).sum()
         return (lq - lp) / (v.shape[0] * L)
-    with collect:
-        values = guide.sample(v, *args, num_particles=L, **kwargs)
-        lq = guide.log_density(v, *args, values=values, num_particles=L, **kwargs)
+    values = guide.sample(v, *args, num_particles=L, **kwargs)
+    lq = guide.log_density(v, *args, values=values, num_particles=L, **kwargs)
     lp = model_view.log_density(v, *args, values=values, num_chains=chains, **kwargs).sum()
     names = list(values)
     grads = torch.autograd.grad(lp - lq, [values[n] for n in names], create_graph=True, allow_unused=True)
@@ -82,58 +69,51 @@ def check_lower(kind, model_latents, guide_sites, why):
             )
 
 
-def apply_grads(optim, params, grads):
-    """One step of a ``pyro.optim`` optimizer on ``params`` with the given gradients."""
-    stepped = []
-    for p, g in zip(params, grads, strict=True):
-        if g is not None:
-            p.grad = g.detach()
-            stepped.append(p)
-    optim(stepped)
-    for p in stepped:
-        p.grad = None
-
-
-def guide_parameters(guide):
-    """The guide's parameters when it is an ``nn.Module`` whose parameters are its
-    own (no :class:`~pyro.nn.PyroParam`, which lives in the param store); else
-    ``None``: collect them from its ``pyro.param`` statements."""
-    if not isinstance(guide, torch.nn.Module):
-        return None
-    if any(getattr(m, "_pyro_params", None) for m in guide.modules()):
-        return None
-    return list(trainable_parameters(guide).values())
+def model_and_guide_parameters(algo, v, args, kwargs):
+    """``{"model": ..., "guide": ...}``: the parameters of ``algo.model`` and
+    ``algo.guide`` (see :func:`~pyro_ebm.infer.trainer.collect_parameters`), the
+    model's ``pyro.param`` sites read from a run at the guide's draws."""
+    values = {k: x.detach() for k, x in algo.guide_view.sample(v.detach(), *args, **kwargs).items()}
+    model = poutine.condition(algo.model, data=values)
+    found = collect_parameters({
+        "model": [(algo.model, lambda: model(v, *args, **kwargs))],
+        "guide": [(algo.guide, lambda: algo.guide(v, *args, **kwargs))],
+    })
+    if not found["model"]:
+        raise ValueError(f"{algo.algorithm} found no parameters in the model: make it an nn.Module or "
+                         "PyroModule, or declare them with pyro.param / pyro.module")
+    return found
 
 
 def inner_steps(alg, data_fn, args, kwargs):
-    """``alg.inner_steps`` real steps of ``alg.guide_optim`` on the guide's
+    """``alg.inner_steps`` real steps of the guide's optimizer on the guide's
     parameters with the model frozen, each on fresh data ``data_fn()``; returns
-    the losses as 0-d tensors (checked later, once per step). ``alg`` carries
-    ``lower``, ``guide``, ``view``, ``guide_view``, ``num_particles``."""
+    the losses as 0-d tensors (checked at the end of the step). ``alg`` is a
+    trainer with ``lower``, ``view``, ``guide_view``, ``num_particles`` and a
+    ``"guide"`` level."""
     losses = []
-    own = guide_parameters(alg.guide)
-    for _ in range(alg.inner_steps):
-        found = None if own is not None else set()
-        loss = lower_loss(alg.lower, alg.view, alg.guide_view, data_fn(), args, kwargs, alg.num_particles,
-                          found)
-        params = own if own is not None else list(found)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        apply_grads(alg.guide_optim, params, grads)
+    for k in range(alg.inner_steps):
+        loss = lower_loss(alg.lower, alg.view, alg.guide_view, data_fn(), args, kwargs, alg.num_particles)
+        alg._watch("guide", f"the lower-level (inner step {k + 1}) loss", loss)
+        alg._minimize("guide", loss, f"inner step {k + 1}")
         losses.append(loss.detach())
     return losses
 
 
-def loss_and_grads_by_name(loss_fn):
-    """Evaluate ``loss_fn(params)`` (which adds the parameters it touches to the set
-    ``params``) and return the loss as a float and its gradients by param-store name."""
+def loss_and_grads_by_name(algo, level, loss_fn):
+    """Evaluate ``loss_fn()`` and return it as a float with its gradients in the
+    parameters of ``algo``'s ``level``, ``{name: gradient}`` (param-store names)."""
+    params = algo.levels[level]
     with torch.enable_grad():
-        params = set()
-        loss = loss_fn(params)
-        params = list(params)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-    store = pyro.get_param_store()
-    return float(loss.detach()), {store.param_name(p): g for p, g in zip(params, grads, strict=True)
-                                  if g is not None}
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, params.params, allow_unused=True)
+    named = zip(params.names, grads, strict=True)
+    return float(loss.detach()), {name: g for name, g in named if g is not None}
+
+
+def mean_or_nan(losses):
+    """The mean of a list of 0-d tensors (``nan`` for none), a 0-d tensor or a float."""
+    return torch.stack(losses).mean() if losses else math.nan
 
 
 def check_model_and_guide(algo, v, args, kwargs, lower=None, why="the guide", where=None):
@@ -166,17 +146,18 @@ def check_model_and_guide(algo, v, args, kwargs, lower=None, why="the guide", wh
 
 
 def diagnose(algo, v, args, kwargs):
-    """A ``diagnose()`` for :func:`~pyro_ebm.infer.checks.check_losses`: which
-    site of ``algo.guide`` or ``algo.model`` is NaN / Inf on the batch ``v``."""
+    """Which site of ``algo.guide`` or ``algo.model`` is NaN / Inf on the batch
+    ``v`` (a sentence, for a divergence message)."""
     v = v.detach()
 
     def values():
         return {k: x.detach() for k, x in algo.guide_view.sample(v, *args, **kwargs).items()}
 
-    return lambda: describe_nonfinite(v, args, kwargs, guide=algo.guide, model=algo.model, values=values)
+    found = describe_nonfinite(v, args, kwargs, guide=algo.guide, model=algo.model, values=values)
+    return found or ALL_FINITE
 
 
-class BiSM:
+class BiSM(Trainer):
     r"""Bi-level score matching: learns an EBLVM :math:`p_\theta(v, h) \propto
     \exp(-E_\theta(v, h))` by score matching on its marginal, with the intractable
     posterior replaced by an amortized guide :math:`q_\phi(h \mid v)` trained at a
@@ -230,23 +211,29 @@ class BiSM:
     :param int unroll_steps: N, differentiable lower-level steps per step.
     :param str lower: ``"kl"`` or ``"fisher"``.
     :param pyro.optim.PyroOptim guide_optim: optimizer of the guide (default:
-        ``optim``, which keeps separate state per parameter); an Adam or AdamW
-        when ``unroll_steps > 0``.
+        ``optim``; each level builds its own torch optimizer from it, so the
+        states stay separate); an Adam or AdamW when ``unroll_steps > 0``.
     :param int num_particles: L, latent draws per data item.
 
     >>> grbm = GaussianRBM(visible_dim=2, hidden_dim=4)
     >>> guide = AmortizedBernoulli(visible_dim=2, hidden_dim=4, site="h", temperature=0.1)
     >>> bism = BiSM(grbm, guide, pyro.optim.Adam({"lr": 1e-3, "betas": (0.9, 0.95)}),
     ...             objective=DSM(0.05), inner_steps=5, unroll_steps=5)
-    >>> loss = bism.step(torch.randn(100, 2))
+    >>> loss = bism.step(torch.randn(100, 2))      # the upper loss J, a float
     >>> bism.last_losses
     {'upper': ..., 'lower': ...}
+
+    Levels: ``"model"`` (``optim``) and ``"guide"`` (``guide_optim``); a
+    divergence raises :class:`~pyro_ebm.infer.trainer.DivergenceError` naming
+    the step and the level, with every parameter and optimizer state as
+    before the step.
 
     **References:** F. Bao, C. Li, K. Xu, H. Su, J. Zhu, B. Zhang, "Bi-level score
     matching for learning energy-based latent variable models", NeurIPS 2020.
     """
 
     algorithm = "BiSM"
+    main_loss = "upper"
 
     def __init__(self, model, guide, optim, objective=None, inner_steps=5, unroll_steps=5, lower="kl",
                  guide_optim=None, num_particles=1):
@@ -267,21 +254,44 @@ class BiSM:
                 raise TypeError(f"{name} must be a pyro.optim optimizer, got {type(opt).__name__}")
         if unroll_steps > 0:
             check_unrollable(guide, f"{self.algorithm} with unroll_steps={unroll_steps}")
-            UnrolledAdam(guide_optim, {})  # fails early for a non-Adam guide optimizer
+            require_adam(guide_optim, "unrolled guide steps")
         self.model, self.guide, self.optim, self.guide_optim = model, guide, optim, guide_optim
         self.objective, self.lower = objective, lower
         self.inner_steps, self.unroll_steps, self.num_particles = inner_steps, unroll_steps, num_particles
         self.view = energy_view(model)
         self.guide_view = GuideView(guide)
-        self.num_steps = 0
-        self.last_losses = {}
-        self._checked = set()
+        super().__init__({"model": "optim", "guide": "guide_optim"})
 
-    # -- validation --------------------------------------------------------
+    # -- the trainer contract ------------------------------------------------
 
-    def _check(self, v, args, kwargs, where=None):
-        check_model_and_guide(self, v, args, kwargs, lower=self.lower, why=f"{self.algorithm}'s guide",
-                              where=where)
+    def _validate(self, args, kwargs, where):
+        check_model_and_guide(self, args[0], args[1:], kwargs, lower=self.lower,
+                              why=f"{self.algorithm}'s guide", where=where)
+
+    def _parameters(self, args, kwargs):
+        return model_and_guide_parameters(self, args[0], args[1:], kwargs)
+
+    def _diagnose(self, args, kwargs):
+        return diagnose(self, args[0], args[1:], kwargs)
+
+    def _step(self, args, kwargs):
+        v, rest = args[0], args[1:]
+        self._level_now = "guide"
+        lower = inner_steps(self, lambda: self._lower_data(v), rest, kwargs)
+        unrolled = []
+        loss = self._upper_loss(v, rest, kwargs, unrolled)
+        for n, x in enumerate(unrolled):
+            self._watch("guide", f"the unrolled lower-level (step {n + 1}) loss", x)
+        self._watch("model", "the upper-level loss", loss)
+        self._minimize("model", loss, "upper-level update")
+        return {"upper": loss.detach(), "lower": mean_or_nan(lower)}
+
+    def _losses(self, args, kwargs):
+        v, rest = args[0], args[1:]
+        with torch.enable_grad():
+            upper = self.objective.per_item(self._score_fn(rest, kwargs), v).mean().detach()
+            lower = self._lower_loss(v, rest, kwargs).detach()
+        return {"upper": upper, "lower": lower}
 
     # -- the two levels ----------------------------------------------------
 
@@ -289,34 +299,30 @@ class BiSM:
         v = v.detach()
         return self.objective.perturb(v).detach() if self.objective.noised else v
 
-    def _lower_loss(self, v, args, kwargs, guide_params=None):
+    def _lower_loss(self, v, args, kwargs):
         return lower_loss(self.lower, self.view, self.guide_view, self._lower_data(v), args, kwargs,
-                          self.num_particles, guide_params)
+                          self.num_particles)
 
-    def _inner_steps(self, v, args, kwargs):
-        return inner_steps(self, lambda: self._lower_data(v), args, kwargs)
-
-    def _score_fn(self, args, kwargs, model_params):
+    def _score_fn(self, args, kwargs):
         L = self.num_particles
 
         def score_fn(x):
             values = self.guide_view.sample(x.detach(), *args, num_particles=L, **kwargs)
-            with _collect_params(model_params):
-                lp = self.view.log_density(x, *args, values=values, num_chains=L if L > 1 else None,
-                                           **kwargs).sum()
+            lp = self.view.log_density(x, *args, values=values, num_chains=L if L > 1 else None,
+                                       **kwargs).sum()
             lq = self.guide_view.log_density(x, *args, values=values, num_particles=L, **kwargs)
             (g,) = torch.autograd.grad(lp - lq, x, create_graph=True)
             return g / L
 
         return score_fn
 
-    def _upper_loss(self, v, args, kwargs, model_params, unrolled_losses=None):
-        """J(θ, φ_N(θ)) with the unrolled guide; the model's parameters are added
-        to ``model_params`` and the unrolled lower-level losses to ``unrolled_losses``."""
+    def _upper_loss(self, v, args, kwargs, unrolled_losses=None):
+        """J(θ, φ_N(θ)) with the unrolled guide; the unrolled lower-level losses
+        are added to ``unrolled_losses``."""
         weights = None
         if self.unroll_steps:
             weights = trainable_parameters(self.guide)
-            unrolled = UnrolledAdam(self.guide_optim, weights)
+            unrolled = UnrolledAdam(self.levels["guide"].optimizer, weights)
             for _ in range(self.unroll_steps):
                 with self.guide_view.using(weights):
                     loss = self._lower_loss(v, args, kwargs)
@@ -324,56 +330,26 @@ class BiSM:
                     unrolled_losses.append(loss.detach())
                 weights = unrolled.step(loss, weights)
         with self.guide_view.using(weights):
-            return self.objective.per_item(self._score_fn(args, kwargs, model_params), v).mean()
+            return self.objective.per_item(self._score_fn(args, kwargs), v).mean()
 
     # -- public ------------------------------------------------------------
 
     def score(self, *args, **kwargs) -> torch.Tensor:
         """The estimated marginal score :math:`s_{\\theta,\\phi}(v; h)` at ``v = args[0]``
         with the current guide, averaged over ``num_particles`` draws (no graph)."""
+        self._require_data(args, "score")
         v, rest = args[0], args[1:]
-        self._check(v, rest, kwargs, where="score")
+        self._validate(args, kwargs, "score")
         with torch.enable_grad():
             x = v.detach().requires_grad_(True)
-            return self._score_fn(rest, kwargs, set())(x).detach()
+            return self._score_fn(rest, kwargs)(x).detach()
 
     def hypergradient(self, *args, **kwargs):
         """The upper loss :math:`J(\\theta, \\phi_N(\\theta))` (a float) and its total
         derivative in the model's parameters, ``{param-store name: gradient}``, at
         the current parameters; nothing is updated and no lower-level step is taken."""
+        self._require_data(args, "hypergradient")
         v, rest = args[0], args[1:]
-        self._check(v, rest, kwargs, where="hypergradient")
-        return loss_and_grads_by_name(lambda params: self._upper_loss(v, rest, kwargs, params))
-
-    def step(self, *args, **kwargs) -> float:
-        """One bi-level step on the batch ``args[0]``; returns the upper loss.
-        ``self.last_losses`` holds ``{"upper": J, "lower": mean lower-level loss
-        over the K real steps}``."""
-        if not args:
-            raise ValueError(f"{self.algorithm}.step needs the data batch as its first argument")
-        v, rest = args[0], args[1:]
-        self._check(v, rest, kwargs)
-        with torch.enable_grad():
-            lower = self._inner_steps(v, rest, kwargs)
-            params, unrolled = set(), []
-            loss = self._upper_loss(v, rest, kwargs, params, unrolled)
-            named = [(f"lower-level (inner step {k + 1})", x) for k, x in enumerate(lower)]
-            named += [(f"unrolled lower-level (step {n + 1})", x) for n, x in enumerate(unrolled)]
-            values = check_losses(self.algorithm, self.num_steps + 1, named + [("upper-level", loss)],
-                                  diagnose(self, v, rest, kwargs))
-            params = list(params)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        apply_grads(self.optim, params, grads)
-        self.num_steps += 1
-        lower = values[: len(lower)]
-        self.last_losses = {"upper": values[-1], "lower": sum(lower) / len(lower) if lower else math.nan}
-        return values[-1]
-
-    def evaluate_loss(self, *args, **kwargs) -> float:
-        """The upper loss :math:`J(\\theta, \\phi)` with the current guide (no
-        unrolling, no parameter change)."""
-        v, rest = args[0], args[1:]
-        self._check(v, rest, kwargs, where="evaluate_loss")
-        with torch.enable_grad():
-            loss = self.objective.per_item(self._score_fn(rest, kwargs, set()), v).mean()
-        return float(loss.detach())
+        self._validate(args, kwargs, "hypergradient")
+        self._prepare(args, kwargs)
+        return loss_and_grads_by_name(self, "model", lambda: self._upper_loss(v, rest, kwargs))

@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import math
-
-import pyro
 import torch
-from pyro import poutine
 
-from ..energy import check_dtype, find_nonfinite
+from ..energy import check_dtype, check_finite, find_nonfinite
 from .checks import at_step, check_batch
 from .score_matching import energy_view
+from .trainer import DivergenceError, Trainer, collect_parameters
 
 __all__ = ["ContrastiveDivergence"]
 
@@ -29,7 +26,7 @@ def _as_grbm(model):
     return None
 
 
-class ContrastiveDivergence:
+class ContrastiveDivergence(Trainer):
     r"""Maximum-likelihood training of an energy-based model with short-run MCMC
     negatives, shaped like ``pyro.infer.SVI``.
 
@@ -71,7 +68,11 @@ class ContrastiveDivergence:
     >>> grbm = GaussianRBM(visible_dim=2, hidden_dim=8)
     >>> cd = ContrastiveDivergence(grbm, pyro.optim.Adam({"lr": 1e-2}), k=1, persistent=True)
     >>> for v in batches(toy("checkerboard", 4096), 128, seed=0, epochs=5):
-    ...     loss = cd.step(v)
+    ...     loss = cd.step(v)                 # a float; cd.last_losses == {"loss": loss}
+
+    One level, ``"model"`` (``optim``). A divergence raises
+    :class:`~pyro_ebm.infer.trainer.DivergenceError` and leaves the parameters,
+    the optimizer state and the persistent chains as before the step.
 
     **References**
 
@@ -80,6 +81,8 @@ class ContrastiveDivergence:
     - T. Tieleman, "Training restricted Boltzmann machines using approximations
       to the likelihood gradient", ICML 2008 (PCD).
     """
+
+    algorithm = "ContrastiveDivergence"
 
     def __init__(self, model, optim, k=1, persistent=False, sampler=None, num_chains=None):
         if not callable(model):
@@ -103,10 +106,15 @@ class ContrastiveDivergence:
         self.optim, self.k, self.persistent = optim, k, persistent
         self.sampler, self.num_chains = sampler, num_chains
         self.chains = None  # persistent chains, (num_chains, *event)
-        self.num_steps = 0
-        self._checked = set()
+        super().__init__({"model": "optim"})
 
     # -- negatives -----------------------------------------------------------
+
+    def _validate(self, args, kwargs, where):
+        if len(args) > 1 or kwargs:
+            raise TypeError(f"ContrastiveDivergence.{where.split()[0]} takes the data batch only, got "
+                            f"{len(args) - 1} more argument(s) and keyword(s) {sorted(kwargs)}")
+        self._check(args[0], where)
 
     def _check(self, v, where):
         check_batch(v, where)  # every batch: one reduction
@@ -131,7 +139,7 @@ class ContrastiveDivergence:
             )
         self.view.check_model(v)
 
-    def _diagnose(self, *batches):
+    def _diagnose_batches(self, *batches):
         """Which site of the model is NaN / Inf on the first of the named batches
         where one is (for a divergence message)."""
         for what, x in batches:
@@ -159,15 +167,23 @@ class ContrastiveDivergence:
     def negatives(self, v, update=True):
         """Negatives after ``k`` MCMC steps from the data (CD) or the persistent
         chains (PCD, advanced in place when ``update``); detached."""
+        x = self._draws(v)
+        check_finite("the negatives", x)
+        if self.persistent and update:
+            self.chains = x
+        return x
+
+    def _draws(self, v):
         x = self._start(v)
         if self.sampler is None:
             try:
                 for _ in range(self.k):
                     x = self.grbm.gibbs_step(x)
             except RuntimeError as err:  # e.g. NaN hidden probabilities
-                raise ValueError(
+                raise DivergenceError(
                     f"ContrastiveDivergence diverged at step {self.num_steps + 1}: Gibbs sampling "
-                    f"failed ({err}); {self._diagnose(('data', v))}; lower the learning rate"
+                    f"failed ({err}); {self._diagnose_batches(('data', v))}; lower the learning rate",
+                    step=self.num_steps + 1, level="model",
                 ) from err
         else:
             event = tuple(x.shape[1:])
@@ -175,16 +191,7 @@ class ContrastiveDivergence:
             for _ in range(self.k):
                 state, _ = self.sampler.step(state)
             x = state.position.reshape((-1,) + tuple(x.shape[1:]))
-        x = x.detach()
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(
-                f"ContrastiveDivergence diverged at step {self.num_steps + 1}: the negatives "
-                f"contain NaN or Inf ({self._diagnose(('data', v))}); lower the learning rate or "
-                "the sampler's step size"
-            )
-        if self.persistent and update:
-            self.chains = x
-        return x
+        return x.detach()
 
     # -- loss and steps --------------------------------------------------------
 
@@ -194,36 +201,42 @@ class ContrastiveDivergence:
         free_neg = -self.view.log_density(negatives.detach(), per_item=True)
         return free_data.mean() - free_neg.mean()
 
-    def step(self, v) -> float:
-        """One parameter update on the batch ``v``; returns the loss."""
-        self._check(v, f"step {self.num_steps + 1}")
-        negatives = self.negatives(v)
-        with poutine.trace(param_only=True) as capture, torch.enable_grad():
-            loss = self.loss(v, negatives)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise ValueError(
-                    f"ContrastiveDivergence diverged at step {self.num_steps + 1}: loss is {value}; "
-                    + self._diagnose(("data", v), ("negatives", negatives))
-                )
-            loss.backward()
-        sites = capture.trace.nodes
-        params = {site["value"].unconstrained() for site in sites.values()}
-        self.optim(params)
-        pyro.infer.util.zero_grads(params)
-        self.num_steps += 1
-        bad = [name for name, site in sites.items() if not bool(torch.isfinite(site["value"]).all())]
-        if bad:
-            raise ValueError(
-                f"ContrastiveDivergence diverged at step {self.num_steps}: parameter(s) {bad} became "
-                "non-finite (lower the learning rate)"
-            )
-        return value
+    def _parameters(self, args, kwargs):
+        v = args[0]
+        found = collect_parameters({"model": [(self.model, lambda: self.model(v))]})
+        if not found["model"]:
+            raise ValueError("ContrastiveDivergence found no parameters in the model: make it an nn.Module "
+                             "or PyroModule, or declare them with pyro.param / pyro.module")
+        return found
 
-    def evaluate_loss(self, v) -> float:
-        """The loss on ``v`` with fresh negatives, without updating parameters or
-        persistent chains."""
-        self._check(v, "evaluate_loss")
+    def _save_extra(self):
+        return self.chains
+
+    def _load_extra(self, saved):
+        self.chains = saved
+
+    def _diagnose(self, args, kwargs):
+        batches = [("data", args[0])]
+        if self._negatives is not None:
+            batches.append(("negatives", self._negatives))
+        return self._diagnose_batches(*batches)
+
+    def _step(self, args, kwargs):
+        v = args[0]
+        self._level_now = "model"
+        self._negatives = negatives = self._draws(v)
+        self._watch_value("model", "the negatives", negatives)
+        if self.persistent:
+            self.chains = negatives  # put back if the step diverges
+        loss = self.loss(v, negatives)
+        self._watch("model", "loss", loss)
+        self._minimize("model", loss)
+        return {"loss": loss.detach()}
+
+    def _losses(self, args, kwargs):
+        v = args[0]
         negatives = self.negatives(v, update=False)
         with torch.no_grad():
-            return float(self.loss(v, negatives))
+            return {"loss": self.loss(v, negatives)}
+
+    _negatives = None

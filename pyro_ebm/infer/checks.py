@@ -1,18 +1,18 @@
 # SPDX-License-Identifier: Apache-2.0
 """Checks shared by the trainers: the data of every batch, errors that name the
-step, and the diagnosis of a non-finite loss (which site went NaN)."""
+step, and the diagnosis of a non-finite loss (which site went NaN). Divergence
+itself (the checks of losses, gradients and updates, and the restore) is the
+trainer base's: :mod:`pyro_ebm.infer.trainer`."""
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import torch
 
 from ..energy import check_data, find_nonfinite, is_validation_error
 
-__all__ = ["at_step", "check_batch", "check_loss", "check_losses", "describe_nonfinite",
-           "diverged_if_invalid"]
+__all__ = ["ALL_FINITE", "at_step", "check_batch", "describe_nonfinite"]
 
 
 def check_batch(v, where: str, name: str = "data") -> torch.Tensor:
@@ -72,41 +72,3 @@ def describe_nonfinite(v, args=(), kwargs=None, guide=None, model=None, values=N
 
 ALL_FINITE = ("every site of the model and guide is finite on this batch, so the NaN / Inf arises in a "
               "gradient (e.g. the score w.r.t. the data) or in the objective")
-
-
-@contextmanager
-def diverged_if_invalid(algorithm: str, step: int, diagnose):
-    """Turn torch's distribution-validation error inside the block (NaN parameters
-    reaching a distribution mid-training, e.g. in Pyro's ``Trace_ELBO``) into a
-    divergence error naming the step and, by ``diagnose()``, the site."""
-    try:
-        yield
-    except ValueError as err:
-        if not is_validation_error(err):
-            raise
-        first = str(err.__cause__ or err).splitlines()[0]
-        raise ValueError(
-            f"{algorithm} diverged at step {step}: a distribution got invalid parameters ({first}); "
-            f"{diagnose() or ALL_FINITE}"
-        ) from err
-
-
-def check_loss(algorithm, step, where, value, diagnose=None):
-    """Raise a ``ValueError`` naming the step when the float ``value`` is not
-    finite; ``diagnose()`` (if given) adds which site went non-finite (it
-    returns a description, or ``None`` when it finds every site finite)."""
-    if not math.isfinite(value):
-        detail = f"; {diagnose() or ALL_FINITE}" if diagnose is not None else ""
-        raise ValueError(f"{algorithm} diverged at step {step}: the {where} loss is {value}{detail}")
-
-
-def check_losses(algorithm, step, named_losses, diagnose=None):
-    """One host sync for all losses of a step: raise a ``ValueError`` naming the
-    step and the first non-finite loss (and, with ``diagnose``, the site);
-    return the values as floats."""
-    if not named_losses:
-        return []
-    values = torch.stack([loss.detach().reshape(()) for _, loss in named_losses]).tolist()
-    for (where, _), value in zip(named_losses, values, strict=True):
-        check_loss(algorithm, step, where, value, diagnose)
-    return values

@@ -10,6 +10,7 @@ from pyro.optim import PyroOptim
 
 from ..energy import check_dtype, check_finite, nonfinite_entry
 from .checks import at_step, check_batch
+from .trainer import Trainer, module_parameters
 
 __all__ = ["KALE"]
 
@@ -18,7 +19,7 @@ def _log_mean_exp(t):
     return torch.logsumexp(t, 0) - math.log(t.shape[0])
 
 
-class KALE:
+class KALE(Trainer):
     r"""Trains a :class:`~pyro_ebm.models.GEBM` by the KL Approximate Lower-bound
     Estimate (KALE): the energy and a scalar :math:`c` form a critic that
     maximizes a lower bound on :math:`\mathrm{KL}(P \,\|\, G)` between the data
@@ -60,13 +61,16 @@ class KALE:
     ``c_grad_clip`` set, the gradient of :math:`c` is soft-clipped to
     :math:`\kappa \tanh(g / \kappa)`, which leaves small gradients unchanged and
     bounds large ones (they occur while :math:`c` is far below
-    :math:`\log \mathbb E_G[e^{-E}]`). A non-finite loss stops training with an
-    error that names the step. The energy is trained at temperature 1; the
-    model's temperature only changes sampling and :meth:`GEBM.log_partition_estimate`.
+    :math:`\log \mathbb E_G[e^{-E}]`). A non-finite loss, gradient or update
+    raises :class:`~pyro_ebm.infer.trainer.DivergenceError` naming the step and
+    the level (``"critic"`` or ``"generator"``), with every parameter, :math:`c`
+    and the optimizer states as before the step. The energy is trained at
+    temperature 1; the model's temperature only changes sampling and
+    :meth:`GEBM.log_partition_estimate`.
 
     :param GEBM gebm: the model; its ``energy`` and ``generator`` are trained.
-    :param pyro.optim.PyroOptim energy_optim: optimizer of the energy's
-        parameters and :math:`c`, e.g. ``pyro.optim.Adam({"lr": 1e-4})``.
+    :param pyro.optim.PyroOptim optim: optimizer of the critic level, the
+        energy's parameters and :math:`c`, e.g. ``pyro.optim.Adam({"lr": 1e-4})``.
     :param generator_optim: optimizer of the generator's parameters, or
         ``None`` to keep the base fixed (e.g. a flow trained by maximum
         likelihood) and train the energy alone. A generator without trainable
@@ -89,21 +93,26 @@ class KALE:
     >>> kale = KALE(gebm, pyro.optim.Adam({"lr": 1e-3, "betas": (0.5, 0.9)}),
     ...             pyro.optim.Adam({"lr": 1e-3, "betas": (0.5, 0.9)}))
     >>> for x in loader:
-    ...     out = kale.step(x)        # {"critic_loss": ..., "generator_loss": ..., "kale": ...}
+    ...     loss = kale.step(x)       # the generator loss, a float
+    >>> kale.last_losses              # {"critic_loss": ..., "generator_loss": ..., "kale": ...}
 
     **References:** M. Arbel, L. Zhou, A. Gretton, "Generalized Energy Based
     Models", ICLR 2021.
     """
 
-    def __init__(self, gebm, energy_optim, generator_optim, critic_steps: int = 5,
+    algorithm = "KALE"
+    main_loss = "generator_loss"
+    advice = "lower the learning rates, raise the penalty or set energy_floor"
+
+    def __init__(self, gebm, optim, generator_optim, critic_steps: int = 5,
                  warmup_critic_steps: int = 100, penalty: float = 1.0, energy_floor: float | None = -10.0,
                  c_grad_clip: float | None = 1.0, init_samples: int = 1024):
-        for name, optim in (("energy_optim", energy_optim), ("generator_optim", generator_optim)):
-            if not (isinstance(optim, PyroOptim) or (optim is None and name == "generator_optim")):
+        for name, opt in (("optim", optim), ("generator_optim", generator_optim)):
+            if not (isinstance(opt, PyroOptim) or (opt is None and name == "generator_optim")):
                 raise TypeError(
                     f"{name} must be a pyro.optim optimizer (e.g. pyro.optim.Adam({{'lr': 1e-3}}))"
                     + (" or None to keep the generator fixed" if name == "generator_optim" else "")
-                    + f", got {type(optim).__name__}"
+                    + f", got {type(opt).__name__}"
                 )
         if int(critic_steps) != critic_steps or critic_steps < 1:
             raise ValueError(f"critic_steps must be an integer >= 1, got {critic_steps}")
@@ -118,7 +127,7 @@ class KALE:
         if int(init_samples) != init_samples or init_samples < 2:
             raise ValueError(f"init_samples must be an integer >= 2, got {init_samples}")
         self.gebm = gebm
-        self.energy_optim = energy_optim
+        self.optim = optim
         self.generator_optim = generator_optim
         self.critic_steps = int(critic_steps)
         self.warmup_critic_steps = int(warmup_critic_steps)
@@ -128,48 +137,43 @@ class KALE:
         self.init_samples = int(init_samples)
         #: the learned scalar :math:`c` (an estimate of :math:`\log \mathbb E_G[e^{-E}]`)
         self.c = None
-        #: generator updates made so far
-        self.num_steps = 0
-        self._checked = set()
+        #: generator updates made so far: ``num_steps``
+        super().__init__({"critic": "optim", "generator": "generator_optim"})
 
-    # -- public ------------------------------------------------------------
+    # -- the trainer contract ------------------------------------------------
 
-    def step(self, x) -> dict:
-        """One generator iteration on the data batch ``x`` of shape
-        ``(batch, *event_shape)``: the critic updates, then the generator update.
+    def _validate(self, args, kwargs, where):
+        if len(args) > 1 or kwargs:
+            raise TypeError(f"KALE.{where.split()[0]} takes the data batch only, got {len(args) - 1} more "
+                            f"argument(s) and keyword(s) {sorted(kwargs)}")
+        self._check_data(args[0], where)
 
-        :returns: ``{"critic_loss", "generator_loss", "kale"}`` as floats: the
-            last critic update's loss (penalty included) and KALE estimate, and
-            the generator loss (evaluated, with no update, when the generator is
-            fixed: ``generator_optim=None`` or a generator without trainable
-            parameters, e.g. ``torch.nn.Identity()`` for a plain EBM on a
-            Gaussian base).
-        """
-        x = self._check_data(x, f"step {self.num_steps + 1}")
+    def _setup(self, args, kwargs):
         if self.c is None:
             self._init_c()
+
+    def _parameters(self, args, kwargs):
+        generator = module_parameters(self.gebm.generator, "generator") if self.generator_optim else []
+        return {"critic": module_parameters(self.gebm.energy, "energy") + [("c", self.c)],
+                "generator": generator}
+
+    def _step(self, args, kwargs):
+        """One generator iteration: the critic updates, then the generator update.
+        ``last_losses`` holds ``{"critic_loss", "generator_loss", "kale"}``: the
+        last critic update's loss (penalty included) and KALE estimate, and the
+        generator loss (evaluated, with no update, when the generator is fixed:
+        ``generator_optim=None`` or a generator without trainable parameters,
+        e.g. ``torch.nn.Identity()`` for a plain EBM on a Gaussian base)."""
+        x = args[0].detach()
         warmup = self.num_steps == 0 and self.warmup_critic_steps > 0
         updates = self.warmup_critic_steps if warmup else self.critic_steps
-        out = {}
-        with torch.enable_grad():  # trains under the caller's no_grad too
-            for k in range(updates):
-                out = self._critic_update(x, k)
-            out["generator_loss"] = self._generator_update(x)
-        self.num_steps += 1
-        return out
+        for k in range(updates):
+            critic_loss, kale = self._critic_update(x, k)
+        generator_loss = self._generator_update(x)
+        return {"critic_loss": critic_loss, "generator_loss": generator_loss, "kale": kale}
 
-    def critic_step(self, x) -> dict:
-        """One critic update on ``x`` (no generator update): ``{"critic_loss", "kale"}``."""
-        x = self._check_data(x, "critic_step")
-        if self.c is None:
-            self._init_c()
-        with torch.enable_grad():
-            return self._critic_update(x, 0)
-
-    def evaluate_loss(self, x) -> dict:
-        """The losses and KALE estimate on ``x`` and fresh base draws, without
-        updating anything."""
-        x = self._check_data(x, "evaluate_loss")
+    def _losses(self, args, kwargs):
+        x = args[0].detach()
         if self.c is None:
             self._init_c()
         with torch.no_grad():
@@ -178,8 +182,24 @@ class KALE:
         with torch.no_grad():
             generator_loss = self._generator_loss(x, x_g)
         critic_loss = -kale + self.penalty * penalty
-        return {"critic_loss": critic_loss.item(), "generator_loss": generator_loss.item(),
-                "kale": kale.item()}
+        return {"critic_loss": critic_loss.detach(), "generator_loss": generator_loss.detach(),
+                "kale": kale.detach()}
+
+    def _diagnose(self, args, kwargs):
+        return self._diagnose_terms(args[0].detach(), None)
+
+    # -- public ------------------------------------------------------------
+
+    def critic_step(self, x) -> float:
+        """One critic update on ``x`` (no generator update, not counted in
+        ``num_steps``); returns the critic loss and keeps ``{"critic_loss",
+        "kale"}`` in ``last_losses``."""
+        def body(args, kwargs):
+            loss, kale = self._critic_update(args[0].detach(), 0)
+            return {"critic_loss": loss, "kale": kale}
+
+        self.last_losses = self._run(body, (x,), {}, "critic_step")
+        return self.last_losses["critic_loss"]
 
     # -- the two updates ---------------------------------------------------
 
@@ -206,13 +226,14 @@ class KALE:
             x_g = self.gebm.sample_base(len(x))
         kale, penalty = self._critic_terms(x, x_g)
         loss = -kale + self.penalty * penalty
-        self._check_loss("critic", loss, f"critic update {k}", x, x_g)
-        params = _trainable(self.gebm.energy) + [self.c]
-        _set_grads(loss, params)
-        if self.c_grad_clip is not None and self.c.grad is not None:
-            self.c.grad = self.c_grad_clip * torch.tanh(self.c.grad / self.c_grad_clip)
-        self.energy_optim(params)
-        return {"critic_loss": loss.item(), "kale": kale.item()}
+        where = f"critic update {k}"
+        self._watch("critic", "the critic loss", loss, where, diagnose=lambda: self._diagnose_terms(x, x_g))
+        critic = self.levels["critic"]
+        grads = list(torch.autograd.grad(loss, critic.params, allow_unused=True))
+        if self.c_grad_clip is not None and grads[-1] is not None:  # c is the level's last parameter
+            grads[-1] = self.c_grad_clip * torch.tanh(grads[-1] / self.c_grad_clip)
+        self._apply("critic", grads, where)
+        return loss.detach(), kale.detach()
 
     def _generator_loss(self, x, x_g):
         with torch.no_grad():
@@ -220,19 +241,20 @@ class KALE:
         return -data_term - _log_mean_exp(-self._energy(x_g))
 
     def _generator_update(self, x):
-        params = _trainable(self.gebm.generator)
-        if self.generator_optim is None or not params:  # a fixed base: evaluate only
+        where = "generator update"
+        if "generator" not in self.levels:  # a fixed base: evaluate only
             x_g = self.gebm.sample_base(len(x))
             with torch.no_grad():
                 loss = self._generator_loss(x, x_g)
-            self._check_loss("generator", loss, "generator update", x, x_g)
-            return loss.item()
+            self._watch("generator", "the generator loss", loss, where,
+                        diagnose=lambda: self._diagnose_terms(x, x_g))
+            return loss
         x_g = self.gebm.generator(self.gebm.sample_latent(len(x)))
         loss = self._generator_loss(x, x_g)
-        self._check_loss("generator", loss, "generator update", x, x_g)
-        _set_grads(loss, params)
-        self.generator_optim(params)
-        return loss.item()
+        self._watch("generator", "the generator loss", loss, where,
+                    diagnose=lambda: self._diagnose_terms(x, x_g.detach()))
+        self._minimize("generator", loss, where)
+        return loss.detach()
 
     # -- checks and set-up -------------------------------------------------
 
@@ -261,18 +283,13 @@ class KALE:
             self._checked.add(key)
         return x.detach()
 
-    def _check_loss(self, which, loss, where, x, x_g):
-        if not bool(torch.isfinite(loss)):
-            raise RuntimeError(
-                f"KALE diverged at step {self.num_steps + 1} ({where}): the {which} loss is "
-                f"{loss.item()}; {self._diagnose(x, x_g)}; lower the learning rates, raise the "
-                "penalty or set energy_floor"
-            )
-
-    def _diagnose(self, x, x_g):
+    def _diagnose_terms(self, x, x_g):
         """Which term went non-finite: the generator's draws, the energy (the GEBM's
-        factor 'energy') on the data or on the draws, or c."""
+        factor 'energy') on the data or on the draws, or c (fresh base draws when
+        ``x_g`` is ``None``)."""
         with torch.no_grad():
+            if x_g is None:
+                x_g = self.gebm.sample_base(len(x))
             terms = [("the generator's draws G(z)", lambda: x_g),
                      ("the energy (GEBM factor 'energy') on the data", lambda: self.gebm.energy_values(x)),
                      ("the energy (GEBM factor 'energy') on the base draws",
@@ -283,15 +300,3 @@ class KALE:
                 if found:
                     return f"{what} is {found}"
         return "the energies and c are finite, so the loss overflowed (e.g. exp(-E - c))"
-
-
-def _trainable(module):
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-def _set_grads(loss, params):
-    """Gradients of ``loss`` into ``p.grad`` of exactly these parameters (the
-    other level's parameters are left alone)."""
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g

@@ -15,11 +15,15 @@ import inspect
 import math
 import weakref
 
+import pyro
 import torch
 
-from ..energy import EnergyView, check_data, check_dtype
+from ..energy import EnergyView, check_data, check_dtype, find_nonfinite
+from .checks import at_step, check_batch
+from .trainer import Trainer, collect_parameters
 
-__all__ = ["DSM", "MDSM", "SSM", "ExactSM", "ScoreObjective", "energy_view", "hutchinson_trace", "noise_grid"]
+__all__ = ["DSM", "MDSM", "SSM", "ExactSM", "ScoreMatching", "ScoreObjective", "energy_view",
+           "hutchinson_trace", "noise_grid"]
 
 _VIEWS = weakref.WeakKeyDictionary()
 _METHOD_VIEWS = weakref.WeakKeyDictionary()  # owner -> {function: view}
@@ -121,6 +125,20 @@ class ScoreObjective:
             return self._loss(view, model, v, rest, kwargs)
 
     def _loss(self, view, model, v, rest, kwargs):
+        self.check_model(view, model, v, rest, kwargs)
+
+        def score_fn(x):
+            return view.score(x, *rest, validate=False, **kwargs)
+
+        return self.per_item(score_fn, v).mean()
+
+    def check_model(self, view, model, v, args=(), kwargs=None):
+        """Raise a clear error unless ``model`` (seen through its energy ``view``)
+        fits a score-matching loss on the batch ``v``: the data's dtype matches
+        the model's parameters, the model has no latent site, and it has a
+        ``pyro.factor`` or an observed site that defines an energy."""
+        kwargs = kwargs or {}
+        rest = args
         check_dtype(v, model, "model")
         st = view.structure(v, *rest, **kwargs)
         if st.latents:
@@ -134,11 +152,6 @@ class ScoreObjective:
                 "the model has no pyro.factor or observed sample site, so it defines no energy; "
                 "add pyro.factor('energy', -E(v))"
             )
-
-        def score_fn(x):
-            return view.score(x, *rest, validate=False, **kwargs)
-
-        return self.per_item(score_fn, v).mean()
 
     def evaluate(self, model, v, *args, **kwargs):
         """The objective's value as a float (gradients through the data only)."""
@@ -290,3 +303,97 @@ class MDSM(ScoreObjective):
         x = self.perturb(v.detach(), eps).requires_grad_(True)
         s = score_fn(x)
         return 0.5 * _flat(s / self.sigmas(v) + eps / self.sigma0**2).pow(2).sum(-1)
+
+
+class ScoreMatching(Trainer):
+    r"""Score matching of an energy-based model with no latent sites: the fast
+    path for plain score matching, with the trainer contract of
+    :mod:`pyro_ebm.infer.trainer`.
+
+    Each :meth:`step` takes one step of ``optim`` on the model's parameters
+    along the gradient of the objective, e.g. for ``DSM(σ)``
+
+    .. math::
+
+        J(\theta) = \frac1N \sum_{n} \tfrac12\big\|s_\theta(v_n + \sigma\epsilon_n)
+            + \epsilon_n / \sigma\big\|^2, \qquad s_\theta = \nabla_v \log \tilde p_\theta,
+
+    the same loss as ``pyro.infer.SVI(model, lambda v: None, optim, loss=DSM(σ))``,
+    with the model's parameters (``pyro.param`` sites and the parameters of an
+    ``nn.Module`` model, plain ``nn.Module`` children included) collected once
+    and one torch optimizer over all of them.
+
+    :param callable model: Pyro model ``model(v, *args)`` with a ``pyro.factor``
+        (or observed site) inside ``pyro.plate("data", len(v))`` and no latent
+        sites, e.g. ``GaussianRBM.marginal``.
+    :param pyro.optim.PyroOptim optim: optimizer of the model's parameters.
+    :param ScoreObjective objective: ``DSM(0.1)`` (default), ``MDSM()``, ``SSM()`` or ``ExactSM()``.
+
+    >>> grbm = GaussianRBM(visible_dim=64, hidden_dim=16)
+    >>> sm = ScoreMatching(grbm.marginal, pyro.optim.Adam({"lr": 1e-3}), objective=DSM(0.1))
+    >>> loss = sm.step(torch.rand(100, 64))     # a float; sm.last_losses == {"loss": loss}
+
+    **References:** A. Hyvärinen, "Estimation of non-normalized statistical models
+    by score matching", JMLR 2005; P. Vincent, "A connection between score matching
+    and denoising autoencoders", Neural Computation 2011.
+    """
+
+    algorithm = "ScoreMatching"
+
+    def __init__(self, model, optim, objective=None):
+        if not callable(model):
+            raise TypeError(f"model must be a Pyro model (a callable), got {type(model).__name__}")
+        objective = DSM(0.1) if objective is None else objective
+        if not isinstance(objective, ScoreObjective):
+            raise TypeError(
+                "objective must be a ScoreObjective such as DSM(0.1), MDSM(), SSM() or ExactSM(), "
+                f"got {objective!r}"
+            )
+        if not isinstance(optim, pyro.optim.PyroOptim):
+            raise TypeError(f"optim must be a pyro.optim optimizer (e.g. pyro.optim.Adam({{'lr': 1e-3}})), "
+                            f"got {type(optim).__name__}")
+        self.model, self.optim, self.objective = model, optim, objective
+        self.view = energy_view(model)
+        super().__init__({"model": "optim"})
+
+    def _validate(self, args, kwargs, where):
+        v, rest = args[0], args[1:]
+        check_batch(v, where)  # every batch: one reduction
+        key = (tuple(v.shape), v.dtype, v.device, len(rest), tuple(sorted(kwargs)))
+        if key in self._checked:
+            return
+        with at_step(self.algorithm, where):
+            self.objective.check_model(self.view, self.model, v, rest, kwargs)
+            self.view.check_model(v, *rest, **kwargs)
+        self._checked.add(key)
+
+    def _parameters(self, args, kwargs):
+        v, rest = args[0], args[1:]
+        found = collect_parameters({"model": [(self.model, lambda: self.model(v, *rest, **kwargs))]})
+        if not found["model"]:
+            raise ValueError(f"{self.algorithm} found no parameters in the model: make it an nn.Module or "
+                             "PyroModule, or declare them with pyro.param / pyro.module")
+        return found
+
+    def _loss(self, args, kwargs):
+        v, rest = args[0], args[1:]
+        view = self.view
+
+        def score_fn(x):
+            return view.score(x, *rest, validate=False, **kwargs)
+
+        return self.objective.per_item(score_fn, v).mean()
+
+    def _step(self, args, kwargs):
+        loss = self._loss(args, kwargs)
+        self._watch("model", "the loss", loss)
+        self._minimize("model", loss)
+        return {"loss": loss}
+
+    def _losses(self, args, kwargs):
+        with torch.enable_grad():  # the score is a gradient in the data
+            return {"loss": self._loss(args, kwargs).detach()}
+
+    def _diagnose(self, args, kwargs):
+        found = find_nonfinite(self.model, (args[0].detach(),) + tuple(args[1:]), kwargs)
+        return found or "the model's sites are finite on this batch, so the NaN / Inf arises in the score"

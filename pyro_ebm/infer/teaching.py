@@ -9,17 +9,18 @@ import math
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.util import zero_grads
+from pyro.infer import Trace_ELBO
+from pyro.optim import PyroOptim
 
 from ..energy import check_dtype, check_finite, find_nonfinite
 from ..mcmc.amortized import AmortizedLangevin
-from .checks import at_step, check_batch, describe_nonfinite, diverged_if_invalid
+from .checks import at_step, check_batch, describe_nonfinite
+from .trainer import DivergenceError, Trainer, collect_parameters
 
 __all__ = ["MCMCTeaching"]
 
 
-class MCMCTeaching:
+class MCMCTeaching(Trainer):
     r"""Learn an energy-based model :math:`p_\theta(x) \propto e^{-E_\theta(x)}` by
     maximum likelihood with a VAE as its amortized sampler, and teach the VAE to
     chase the EBM (variational MCMC teaching).
@@ -31,7 +32,7 @@ class MCMCTeaching:
     2. revise them with K Langevin steps on the EBM (``kernel``, e.g. ULA):
        :math:`x_{k+1} = x_k - \gamma\nabla_x E_\theta(x_k) + \sqrt{2\gamma}\,\xi_k`,
        giving :math:`\tilde x_j = x_{K,j}`;
-    3. one step of ``ebm_optim`` on the EBM's parameters along the gradient of
+    3. one step of ``optim`` on the EBM's parameters along the gradient of
 
        .. math::
 
@@ -43,9 +44,10 @@ class MCMCTeaching:
        :math:`\alpha\,(\overline{E_\theta(x)^2} + \overline{E_\theta(\tilde x)^2})`
        of Du and Mordatch, 2019, which keeps the energies, and so the Langevin
        steps, from running away);
-    4. one step of Pyro's own ``SVI(vae_model, vae_guide, vae_optim, Trace_ELBO())``
-       on :math:`\tilde x`: the encoder infers :math:`q_\phi(z \mid \tilde x)` and the
-       VAE maximizes
+    4. one step of ``vae_optim`` on the VAE's parameters along the gradient of
+       Pyro's own ``Trace_ELBO`` on :math:`\tilde x` (the update that
+       ``SVI(vae_model, vae_guide, vae_optim, Trace_ELBO()).step`` makes): the
+       encoder infers :math:`q_\phi(z \mid \tilde x)` and the VAE maximizes
 
        .. math::
 
@@ -79,8 +81,8 @@ class MCMCTeaching:
     :param callable vae_model: the VAE's Pyro model ``vae_model(x, *args)`` (prior and
         decoder likelihood).
     :param callable vae_guide: the VAE's amortized encoder ``vae_guide(x, *args)``.
-    :param pyro.optim.PyroOptim ebm_optim: optimizer of the EBM's parameters.
-    :param pyro.optim.PyroOptim vae_optim: optimizer of the VAE's parameters.
+    :param pyro.optim.PyroOptim optim: optimizer of the EBM's parameters (level ``"energy"``).
+    :param pyro.optim.PyroOptim vae_optim: optimizer of the VAE's parameters (level ``"vae"``).
     :param kernel: the Langevin kernel, e.g. ``pyro_ebm.mcmc.ULA(step_size)``.
     :param int num_langevin_steps: K ≥ 0 revision steps.
     :param int num_chains: synthesized samples per step; ``None`` for the batch size.
@@ -95,7 +97,8 @@ class MCMCTeaching:
     ...                         pyro.optim.Adam({"lr": 1e-3}), pyro.optim.Adam({"lr": 1e-3}),
     ...                         kernel=mcmc.ULA(step_size=1e-3), num_langevin_steps=20)
     >>> for x in datasets.batches(data, 100, epochs=50):
-    ...     stats = teaching.step(x)        # {"ebm_loss", "vae_elbo", "energy_data", ...}
+    ...     loss = teaching.step(x)         # the EBM loss, a float
+    >>> teaching.last_losses                # {"ebm_loss", "vae_elbo", "energy_data", ...}
     >>> x = teaching.sample(64)             # VAE proposals revised by 20 Langevin steps
 
     **References:** J. Xie, Z. Zheng, P. Li, "Learning energy-based model with
@@ -104,19 +107,23 @@ class MCMCTeaching:
     (the energy penalty).
     """
 
-    def __init__(self, energy_model, vae_model, vae_guide, ebm_optim, vae_optim, kernel,
+    algorithm = "MCMCTeaching"
+    main_loss = "ebm_loss"
+    advice = "lower the learning rates or the Langevin step size"
+
+    def __init__(self, energy_model, vae_model, vae_guide, optim, vae_optim, kernel,
                  num_langevin_steps=20, num_chains=None, noise=True, obs_site=None, event_shape=None,
                  energy_penalty=0.0):
         for name, fn in (("energy_model", energy_model), ("vae_model", vae_model), ("vae_guide", vae_guide)):
             if not callable(fn):
                 raise TypeError(f"{name} must be a Pyro model / guide, got {type(fn).__name__}")
-        for name, opt in (("ebm_optim", ebm_optim), ("vae_optim", vae_optim)):
-            if not callable(opt):
+        for name, opt in (("optim", optim), ("vae_optim", vae_optim)):
+            if not isinstance(opt, PyroOptim):
                 raise TypeError(f"{name} must be a pyro.optim optimizer, got {type(opt).__name__}")
         if num_chains is not None and (not isinstance(num_chains, int) or num_chains < 1):
             raise ValueError(f"num_chains must be None or an int >= 1, got {num_chains!r}")
         self.energy_model, self.vae_model, self.vae_guide = energy_model, vae_model, vae_guide
-        self.ebm_optim = ebm_optim
+        self.optim, self.vae_optim = optim, vae_optim
         self.num_chains = num_chains
         self.obs_site = obs_site
         if not (isinstance(energy_penalty, (int, float)) and math.isfinite(energy_penalty)
@@ -125,12 +132,12 @@ class MCMCTeaching:
         self.energy_penalty = float(energy_penalty)
         self.sampler = AmortizedLangevin(self._initial_points, energy_model, kernel, num_langevin_steps,
                                          noise=noise)
-        self.svi = SVI(vae_model, vae_guide, vae_optim, loss=Trace_ELBO())
+        #: the VAE's loss: Pyro's ``Trace_ELBO`` (its ``differentiable_loss``)
+        self.elbo = Trace_ELBO()
         self._like = None if event_shape is None else torch.zeros((1,) + tuple(event_shape))
-        self.iteration = 0
-        self._checked = set()
         #: the last step's decoder means :math:`x_0` and revised samples :math:`\tilde x`
         self.last_init = self.last_revised = None
+        super().__init__({"energy": "optim", "vae": "vae_optim"})
 
     # -- the VAE as initializer -------------------------------------------
 
@@ -186,25 +193,52 @@ class MCMCTeaching:
 
     # -- training -----------------------------------------------------------
 
-    def step(self, x, *args, **kwargs):
-        """One teaching iteration on the data batch ``x``: :meth:`synthesize`, then
-        :meth:`ebm_step` and :meth:`vae_step` (extra arguments go to all three Pyro
-        callables).
+    # -- the trainer contract ------------------------------------------------
 
-        :returns: dict with ``ebm_loss`` (:math:`L(\\theta)` above), ``vae_elbo``
-            (the ELBO of the revised batch as Pyro's ``Trace_ELBO`` estimates it:
-            minus the SVI loss), and the mean energies ``energy_data``,
-            ``energy_init`` (of :math:`x_0`) and ``energy_revised`` (of
-            :math:`\\tilde x`), all at the parameters before the update.
-        """
-        x0, x_rev = self._synthesize(x, args, kwargs, f"step {self.iteration + 1}")
+    def _validate(self, args, kwargs, where):
+        self._check(args[0], args[1:], kwargs, where)
+
+    def _parameters(self, args, kwargs):
+        x, rest = args[0], args[1:]
+        found = collect_parameters({
+            "energy": [(self.energy_model, lambda: self.energy_model(x, *rest, **kwargs))],
+            "vae": [(self.vae_model, None),
+                    (self.vae_guide, lambda: self.elbo.differentiable_loss(self.vae_model, self.vae_guide, x,
+                                                                           *rest, **kwargs))],
+        })
+        for level, what in (("energy", "energy model"), ("vae", "VAE model and guide")):
+            if not found[level]:
+                raise ValueError(f"the {what} has no parameters: register its network with "
+                                 "pyro.module(...) or make it a PyroModule")
+        return found
+
+    def _diagnose(self, args, kwargs):
+        return self._diagnose_batches(args[0], self.last_revised, args[1:], kwargs)
+
+    def _step(self, args, kwargs):
+        """One teaching iteration: :meth:`synthesize`, then the EBM update and the
+        VAE update. ``last_losses``: ``ebm_loss`` (:math:`L(\\theta)` above),
+        ``vae_elbo`` (the ELBO of the revised batch as Pyro's ``Trace_ELBO``
+        estimates it), and the mean energies ``energy_data``, ``energy_init``
+        (of :math:`x_0`) and ``energy_revised`` (of :math:`\\tilde x`), all at the
+        parameters before the update."""
+        x, rest = args[0], args[1:]
+        x0, x_rev = self._synthesize(x, rest, kwargs, f"step {self.num_steps + 1}", check=False)
         with torch.no_grad():
-            e_init = self.sampler.energy(x0, *args, **kwargs).mean()
-        stats = self.ebm_step(x, x_rev, *args, **kwargs)
-        stats["vae_elbo"] = self.vae_step(x_rev, *args, **kwargs)
-        stats["energy_init"] = float(e_init)
-        self.iteration += 1
-        return stats
+            e_init = self.sampler.energy(x0, *rest, **kwargs).mean()
+        out = self._ebm_update(x, x_rev, rest, kwargs)
+        out["vae_elbo"] = -self._vae_update(x_rev, rest, kwargs)
+        out["energy_init"] = e_init
+        return out
+
+    def _losses(self, args, kwargs):
+        x, rest = args[0], args[1:]
+        x0, x_rev = self._synthesize(x, rest, kwargs, "evaluate_loss", check=False)
+        with torch.no_grad():
+            e_data, e_init, e_rev = (self.sampler.energy(v, *rest, **kwargs).mean() for v in (x, x0, x_rev))
+            vae_loss = self.elbo.differentiable_loss(self.vae_model, self.vae_guide, x_rev, *rest, **kwargs)
+        return {"ebm_loss": e_data - e_rev, "vae_elbo": -vae_loss, "energy_data": e_data,
+                "energy_init": e_init, "energy_revised": e_rev}
 
     def synthesize(self, x, *args, **kwargs):
         """Decoder means :math:`x_0` at fresh prior draws and their Langevin
@@ -212,8 +246,9 @@ class MCMCTeaching:
         ``len(x)``; also kept as :attr:`last_init` and :attr:`last_revised`."""
         return self._synthesize(x, args, kwargs, "synthesize")
 
-    def _synthesize(self, x, args, kwargs, where):
-        self._check(x, args, kwargs, where)
+    def _synthesize(self, x, args, kwargs, where, check=True):
+        if check:
+            self._check(x, args, kwargs, where)
         n = self.num_chains or x.shape[0]
         if n != x.shape[0] and (args or kwargs):
             raise ValueError(
@@ -228,15 +263,18 @@ class MCMCTeaching:
             found = find_nonfinite(self.energy_model, (x0,) + tuple(args), kwargs, role="energy model")
             if found is None:
                 raise
-            raise ValueError(f"MCMCTeaching ({where}): the Langevin revision of the decoder means failed "
-                             f"({str(err).splitlines()[0]}): {found} on the decoder means") from err
+            # a NaN / Inf energy: a divergence of the energy level (a ValueError)
+            raise DivergenceError(f"MCMCTeaching ({where}): the Langevin revision of the decoder means "
+                                  f"failed ({str(err).splitlines()[0]}): {found} on the decoder means",
+                                  step=self.num_steps + 1, level="energy") from err
         self.last_init, self.last_revised = x0, x_rev
         return x0, x_rev
 
     def _check(self, x, args, kwargs, where):
         """Every batch: :func:`~pyro_ebm.infer.checks.check_batch`; once per shape:
-        the data's dtype against the modules' parameters and the energy model run
-        on the data (errors name the step)."""
+        the data's dtype against the modules' parameters, the energy model run
+        on the data and the VAE model's decoder mean against the data's shape
+        (errors name the step)."""
         check_batch(x, where)
         key = (tuple(x.shape), x.dtype, x.device.type, len(args))
         if key in self._checked:
@@ -247,58 +285,56 @@ class MCMCTeaching:
                 check_dtype(x, fn, role)
             with torch.no_grad():
                 self.sampler.energy(x, *args, **kwargs)
+            self.decoder_mean(torch.zeros_like(x), *args, **kwargs)
         self._checked.add(key)
 
-    def ebm_step(self, x, x_revised, *args, **kwargs):
-        """One step of ``ebm_optim`` on the EBM's parameters along
-        :math:`\\nabla_\\theta L(\\theta)`.
+    def ebm_step(self, x, x_revised, *args, **kwargs) -> float:
+        """One step of ``optim`` on the EBM's parameters along
+        :math:`\\nabla_\\theta L(\\theta)` alone (no synthesis, no VAE update, not
+        counted in ``num_steps``); returns the EBM loss and keeps
+        ``{"ebm_loss", "energy_data", "energy_revised"}`` (before the update) in
+        ``last_losses``."""
+        def body(a, k):
+            return self._ebm_update(a[0], x_revised, a[1:], k)
 
-        :returns: dict with ``ebm_loss``, ``energy_data`` and ``energy_revised``
-            (before the update)."""
-        with poutine.trace(param_only=True) as capture, torch.enable_grad():  # also under no_grad
-            e_data = self.sampler.energy(x, *args, **kwargs)
-            e_rev = self.sampler.energy(x_revised, *args, **kwargs)
-            loss = e_data.mean() - e_rev.mean()
-            objective = loss
-            if self.energy_penalty:
-                objective = loss + self.energy_penalty * (e_data.pow(2).mean() + e_rev.pow(2).mean())
-        self._check_value("EBM loss", objective, lambda: self._diagnose(x, x_revised, args, kwargs))
-        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
-        if not params:
-            raise ValueError("the energy model has no parameters: register its network with "
-                             "pyro.module(...) or make it a PyroModule")
-        with torch.enable_grad():
-            objective.backward()
-        self.ebm_optim(params)
-        zero_grads(params)
-        return {"ebm_loss": float(loss.detach()), "energy_data": float(e_data.detach().mean()),
-                "energy_revised": float(e_rev.detach().mean())}
+        self.last_losses = self._run(body, (x,) + args, kwargs, "ebm_step")
+        return self.last_losses["ebm_loss"]
 
-    def vae_step(self, x_revised, *args, **kwargs):
-        """One step of Pyro's ``SVI(vae_model, vae_guide, vae_optim, Trace_ELBO())``
-        on the revised samples; returns the ELBO estimate (minus SVI's loss)."""
+    def vae_step(self, x_revised, *args, **kwargs) -> float:
+        """One step of ``vae_optim`` on the VAE's parameters along the gradient of
+        Pyro's ``Trace_ELBO`` on the revised samples alone (not counted in
+        ``num_steps``); returns the ELBO estimate (minus the loss)."""
+        def body(a, k):
+            return {"vae_elbo": -self._vae_update(a[0], a[1:], k)}
+
+        self.last_losses = self._run(body, (x_revised,) + args, kwargs, "vae_step")
+        return self.last_losses["vae_elbo"]
+
+    def _ebm_update(self, x, x_revised, args, kwargs):
+        self._level_now = "energy"
+        e_data = self.sampler.energy(x, *args, **kwargs)
+        e_rev = self.sampler.energy(x_revised, *args, **kwargs)
+        loss = e_data.mean() - e_rev.mean()
+        objective = loss
+        if self.energy_penalty:
+            objective = loss + self.energy_penalty * (e_data.pow(2).mean() + e_rev.pow(2).mean())
+        self._watch("energy", "the EBM loss", objective,
+                    diagnose=lambda: self._diagnose_batches(x, x_revised, args, kwargs))
+        self._minimize("energy", objective)
+        return {"ebm_loss": loss.detach(), "energy_data": e_data.detach().mean(),
+                "energy_revised": e_rev.detach().mean()}
+
+    def _vae_update(self, x_revised, args, kwargs):
+        self._level_now = "vae"
+        loss = self.elbo.differentiable_loss(self.vae_model, self.vae_guide, x_revised, *args, **kwargs)
+
         def diagnose():
             return describe_nonfinite(x_revised, args, kwargs, guide=self.vae_guide, model=self.vae_model,
                                       guide_role="VAE guide", model_role="VAE model")
 
-        # Pyro's SVI.step needs gradients, whatever the caller's mode
-        with torch.enable_grad(), diverged_if_invalid("MCMCTeaching", self.iteration + 1, diagnose):
-            vae_loss = self.svi.step(x_revised, *args, **kwargs)
-        self._check_value("VAE loss (-ELBO)", torch.as_tensor(vae_loss))
-        return -float(vae_loss)
-
-    def evaluate_loss(self, x, *args, **kwargs):
-        """The quantities of :meth:`step` on fresh samples, with no update."""
-        x0, x_rev = self._synthesize(x, args, kwargs, "evaluate_loss")
-        with torch.no_grad():
-            e_data, e_init, e_rev = (self.sampler.energy(v, *args, **kwargs).mean() for v in (x, x0, x_rev))
-        return {
-            "ebm_loss": float(e_data - e_rev),
-            "vae_elbo": -float(self.svi.evaluate_loss(x_rev, *args, **kwargs)),
-            "energy_data": float(e_data),
-            "energy_init": float(e_init),
-            "energy_revised": float(e_rev),
-        }
+        self._watch("vae", "the VAE loss (-ELBO)", loss, diagnose=diagnose)
+        self._minimize("vae", loss)
+        return loss.detach()
 
     def sample(self, n, *args, return_trajectory=False, **kwargs):
         """``n`` samples of the taught VAE revised by its K Langevin steps on the EBM,
@@ -308,17 +344,11 @@ class MCMCTeaching:
 
     # -- helpers ------------------------------------------------------------
 
-    def _check_value(self, name, value, diagnose=None):
-        if not bool(torch.isfinite(value).all()):
-            detail = f" ({diagnose()})" if diagnose is not None else ""
-            raise ValueError(
-                f"{name} is {float(value.detach())} at teaching step {self.iteration + 1}{detail}: training "
-                "diverged; lower the learning rates or the Langevin step size"
-            )
-
-    def _diagnose(self, x, x_revised, args, kwargs):
+    def _diagnose_batches(self, x, x_revised, args, kwargs):
         """Which site of the energy model is NaN / Inf, on the data or on the revised samples."""
         for what, batch in (("the data", x), ("the revised samples", x_revised)):
+            if batch is None:
+                continue
             found = find_nonfinite(self.energy_model, (batch.detach(),) + tuple(args), kwargs,
                                    role="energy model")
             if found:

@@ -5,8 +5,8 @@ A bi-level algorithm takes real optimizer steps on a module's parameters and
 then needs the parameters after N *more* steps as a differentiable function of
 everything the inner loss depends on. :class:`UnrolledAdam` replays
 ``torch.optim.Adam`` on a dict of fast weights, starting from the hyperparameters
-and the moment state that a :class:`pyro.optim.PyroOptim` Adam holds for the
-real parameters, and :func:`functional` runs the module with those weights
+and the moment state that the level's one torch Adam holds for the real
+parameters, and :func:`functional` runs the module with those weights
 through ``torch.func.functional_call``. The real parameters and the real
 optimizer state are never written.
 """
@@ -67,14 +67,14 @@ def _safe_sqrt(x):
 
 class UnrolledAdam:
     r"""Adam steps on fast weights that stay differentiable, continuing a real
-    ``pyro.optim`` Adam.
+    torch Adam (the one optimizer of a trainer's level).
 
-    For each parameter it reads the hyperparameters (``lr``, ``betas``, ``eps``,
-    ``weight_decay``, ``amsgrad``, ``maximize``; AdamW's decoupled decay) and the
-    state (step count :math:`t_0`, first and second moments :math:`m, u`) that
-    the Pyro optimizer holds for that parameter (zeros if it has taken no step).
-    Each call of :meth:`step` then performs, with :math:`g = \nabla_\phi L`
-    taken with ``create_graph=True``,
+    For each parameter it reads the hyperparameters of its parameter group
+    (``lr``, ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``maximize``;
+    AdamW's decoupled decay) and the state (step count :math:`t_0`, first and
+    second moments :math:`m, u`) that the optimizer holds for that parameter
+    (zeros if it has taken no step). Each call of :meth:`step` then performs,
+    with :math:`g = \nabla_\phi L` taken with ``create_graph=True``,
 
     .. math::
 
@@ -87,10 +87,11 @@ class UnrolledAdam:
     differentiable function of whatever :math:`L` depends on. The real
     parameters and the optimizer's own state are left untouched.
 
-    :param pyro.optim.PyroOptim optim: a ``pyro.optim.Adam`` or ``pyro.optim.AdamW``.
+    :param torch.optim.Optimizer optimizer: a ``torch.optim.Adam`` or ``AdamW``
+        holding the real parameters (fused, foreach or single-tensor alike).
     :param dict params: the real parameters by name (the keys of the fast weights).
 
-    >>> unrolled = UnrolledAdam(guide_optim, trainable_parameters(guide))
+    >>> unrolled = UnrolledAdam(trainer.levels["guide"].optimizer, trainable_parameters(guide))
     >>> weights = trainable_parameters(guide)
     >>> for _ in range(5):
     ...     loss = inner_loss(functional(guide, weights))
@@ -101,27 +102,28 @@ class UnrolledAdam:
     "Unrolled generative adversarial networks", ICLR 2017.
     """
 
-    def __init__(self, optim, params: dict):
-        constructor = getattr(optim, "pt_optim_constructor", None)
-        if constructor not in (torch.optim.Adam, torch.optim.AdamW):
-            name = getattr(constructor, "__name__", type(optim).__name__)
+    def __init__(self, optimizer, params: dict):
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             raise ValueError(
-                f"unrolled guide steps replay Adam, but the guide optimizer is {name}; use "
+                f"unrolled steps replay Adam, but the optimizer is {type(optimizer).__name__}; use "
                 "pyro.optim.Adam or pyro.optim.AdamW (or unroll_steps=0)"
             )
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        decoupled = isinstance(optimizer, torch.optim.AdamW)
         self.hyper, self.state = {}, {}
         for name, p in params.items():
-            torch_optim = optim.optim_objs.get(p)
-            if torch_optim is None:  # no real step yet: the defaults the optimizer would use
-                torch_optim = optim._get_optim(p)
-            group = dict(torch_optim.param_groups[0])
-            group.setdefault("decoupled_weight_decay", constructor is torch.optim.AdamW)
-            self.hyper[name] = group
-            st = torch_optim.state.get(p, {})
+            group = group_of.get(id(p))
+            if group is None:
+                raise ValueError(f"parameter '{name}' is not one of the optimizer's parameters, so its Adam "
+                                 "state is unknown")
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            hyper.setdefault("decoupled_weight_decay", decoupled)
+            self.hyper[name] = hyper
+            st = optimizer.state.get(p) or {}
             zeros = torch.zeros_like(p).detach()
-            step = st.get("step", 0)
+            step = st.get("step", 0)  # a tensor in torch >= 1.12: kept one, no host sync
             self.state[name] = {
-                "step": float(step),
+                "step": step.detach().to(torch.float64) if torch.is_tensor(step) else float(step),
                 "exp_avg": st.get("exp_avg", zeros).detach(),
                 "exp_avg_sq": st.get("exp_avg_sq", zeros).detach(),
                 "max_exp_avg_sq": st.get("max_exp_avg_sq", zeros).detach(),

@@ -15,15 +15,15 @@ from ..energy import check_data, check_finite, check_guide_sites
 from ..guides import GuideView
 from .bism import (
     LOWER,
-    _collect_params,
-    apply_grads,
     check_model_and_guide,
     diagnose,
     inner_steps,
     loss_and_grads_by_name,
+    mean_or_nan,
+    model_and_guide_parameters,
 )
-from .checks import check_losses
 from .score_matching import DSM, MDSM, energy_view, exact_trace, hutchinson_trace
+from .trainer import Trainer
 
 __all__ = ["VaGES", "fisher_divergence", "ksd_halves", "vaes_score"]
 
@@ -123,7 +123,7 @@ def ksd_halves(score_fn, v, bandwidth=None):
     return (4 * both - a - b) / 2
 
 
-class VaGES:
+class VaGES(Trainer):
     r"""Score matching for EBLVMs with the variational gradient estimate (VaGES) of
     the marginal score's parameter gradient.
 
@@ -172,7 +172,10 @@ class VaGES:
 
     >>> vages = VaGES(grbm, AmortizedBernoulli(2, 4, site="h"), pyro.optim.Adam({"lr": 1e-3}),
     ...               objective="dsm", noise_scale=0.05, num_particles=2, inner_steps=5)
-    >>> loss = vages.step(torch.randn(100, 2))
+    >>> loss = vages.step(torch.randn(100, 2))   # the objective, a float; vages.last_losses
+
+    Levels: ``"model"`` (``optim``) and ``"guide"`` (``guide_optim``), as in
+    :class:`~pyro_ebm.infer.BiSM`.
 
     **References:** F. Bao, K. Xu, C. Li, L. Hong, J. Zhu, B. Zhang, "Variational
     (gradient) estimate of the score function in energy-based latent variable
@@ -180,6 +183,7 @@ class VaGES:
     """
 
     algorithm = "VaGES"
+    main_loss = "upper"
 
     def __init__(self, model, guide, optim, objective="dsm", num_particles=2, inner_steps=5, guide_optim=None,
                  noise_scale=0.1, sigma_min=0.05, sigma_max=1.0, sigma0=0.1, bandwidth=None, lower="kl"):
@@ -215,22 +219,48 @@ class VaGES:
         self.bandwidth = bandwidth
         self.view = energy_view(model)
         self.guide_view = GuideView(guide)
-        self.num_steps = 0
-        self.last_losses = {}
-        self._checked = set()
+        super().__init__({"model": "optim", "guide": "guide_optim"})
 
-    def _check(self, v, args, kwargs, where=None):
+    # -- the trainer contract ------------------------------------------------
+
+    def _validate(self, args, kwargs, where):
+        v = args[0]
         lower = self.lower if self.inner_steps else None
-        check_model_and_guide(self, v, args, kwargs, lower=lower,
+        check_model_and_guide(self, v, args[1:], kwargs, lower=lower,
                               why=f"{self.algorithm}'s lower level (inner_steps > 0)", where=where)
         if self.objective is None and v.shape[0] < 2:
             raise ValueError(f"the KSD objective needs a batch of at least 2 items, got {v.shape[0]}")
+
+    def _parameters(self, args, kwargs):
+        return model_and_guide_parameters(self, args[0], args[1:], kwargs)
+
+    def _diagnose(self, args, kwargs):
+        return diagnose(self, args[0], args[1:], kwargs)
+
+    def _step(self, args, kwargs):
+        """K guide steps, then one model step on the VaGES gradient; the objective
+        is evaluated with the VaES."""
+        v, rest = args[0], args[1:]
+        self._level_now = "guide"
+        lower = inner_steps(self, lambda: self._lower_data(v), rest, kwargs)
+        self._level_now = "model"
+        loss = self._loss(v, rest, kwargs)
+        self._watch("model", "the upper-level loss", loss)
+        self._minimize("model", loss, "upper-level update")
+        return {"upper": loss.detach(), "lower": mean_or_nan(lower)}
+
+    def _losses(self, args, kwargs):
+        v, rest = args[0], args[1:]
+        with torch.enable_grad():
+            return {"upper": self._loss(v, rest, kwargs).detach()}
+
+    # -- the objective -------------------------------------------------------
 
     def _lower_data(self, v):
         v = v.detach()
         return self.objective.perturb(v).detach() if self.objective is not None else v
 
-    def _score_fn(self, args, kwargs, model_params):
+    def _score_fn(self, args, kwargs):
         """A surrogate score: its value is the VaES of particle set A; its gradient
         in θ, contracted with any upstream vector a, is aᵀ(VaGES of set B)."""
         L = self.num_particles
@@ -242,9 +272,8 @@ class VaGES:
             with torch.no_grad():
                 values = guide.sample(x, *args, num_particles=L, **kwargs)
             xb = x.clone().requires_grad_(True)
-            with _collect_params(model_params):
-                # (L, N): one row per particle
-                lp = view.log_density(xb, *args, values=values, per_item=True, num_chains=L, **kwargs)
+            # (L, N): one row per particle
+            lp = view.log_density(xb, *args, values=values, per_item=True, num_chains=L, **kwargs)
             grads = [torch.autograd.grad(lp[i].sum(), xb, create_graph=True, retain_graph=True)[0]
                      for i in range(L)]
             g = torch.stack(grads)  # (L, N, *event)
@@ -256,48 +285,20 @@ class VaGES:
 
         return score_fn
 
-    def _loss(self, v, args, kwargs, model_params):
-        score_fn = self._score_fn(args, kwargs, model_params)
+    def _loss(self, v, args, kwargs):
+        score_fn = self._score_fn(args, kwargs)
         if self.objective is None:
             return ksd_halves(score_fn, v, self.bandwidth)
         return self.objective.per_item(score_fn, v).mean()
 
-    def step(self, *args, **kwargs) -> float:
-        """K guide steps, then one model step on the VaGES gradient; returns the
-        objective evaluated with the VaES. ``self.last_losses`` holds
-        ``{"upper": ..., "lower": mean lower-level loss}``."""
-        if not args:
-            raise ValueError(f"{self.algorithm}.step needs the data batch as its first argument")
-        v, rest = args[0], args[1:]
-        self._check(v, rest, kwargs)
-        with torch.enable_grad():
-            lower = inner_steps(self, lambda: self._lower_data(v), rest, kwargs)
-            params = set()
-            loss = self._loss(v, rest, kwargs, params)
-            named = [(f"lower-level (inner step {k + 1})", x) for k, x in enumerate(lower)]
-            values = check_losses(self.algorithm, self.num_steps + 1, named + [("upper-level", loss)],
-                                  diagnose(self, v, rest, kwargs))
-            params = list(params)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        apply_grads(self.optim, params, grads)
-        self.num_steps += 1
-        lower = values[: len(lower)]
-        self.last_losses = {"upper": values[-1], "lower": sum(lower) / len(lower) if lower else math.nan}
-        return values[-1]
-
     def gradient(self, *args, **kwargs):
         """The objective (a float) and the VaGES gradient by param-store name, at the
         current parameters; nothing is updated."""
+        self._require_data(args, "gradient")
         v, rest = args[0], args[1:]
-        self._check(v, rest, kwargs, where="gradient")
-        return loss_and_grads_by_name(lambda params: self._loss(v, rest, kwargs, params))
-
-    def evaluate_loss(self, *args, **kwargs) -> float:
-        """The objective evaluated with the VaES of the current guide (no update)."""
-        v, rest = args[0], args[1:]
-        self._check(v, rest, kwargs, where="evaluate_loss")
-        with torch.enable_grad():
-            return float(self._loss(v, rest, kwargs, set()).detach())
+        self._validate(args, kwargs, "gradient")
+        self._prepare(args, kwargs)
+        return loss_and_grads_by_name(self, "model", lambda: self._loss(v, rest, kwargs))
 
 
 class _Critic(torch.nn.Module):

@@ -45,7 +45,7 @@ def delta_encoder(v):
 
 
 def make(energy=quadratic_ebm, decoder=linear_decoder, encoder=delta_encoder, **kwargs):
-    args = dict(energy_optim=pyro.optim.SGD({"lr": 0.1}), vae_optim=pyro.optim.SGD({"lr": 0.01}))
+    args = dict(optim=pyro.optim.SGD({"lr": 0.1}), vae_optim=pyro.optim.SGD({"lr": 0.01}))
     args.update(kwargs)
     return BiDVL(energy, decoder, encoder, **args)
 
@@ -65,10 +65,11 @@ def test_upper_step_is_data_minus_sample_energy():
     pyro.set_rng_seed(0)
     v = torch.randn(20, D, dtype=D64)
     eta = 0.1
-    bidvl = make(lower_steps=0, energy_optim=pyro.optim.SGD({"lr": eta}))
+    bidvl = make(inner_steps=0, optim=pyro.optim.SGD({"lr": eta}))
     bidvl.step(v)  # creates the parameters
     before = store("a", "mu", "w", "b")
-    out = bidvl.step(v)
+    bidvl.step(v)
+    out = bidvl.last_losses
     after = store("a", "mu", "w", "b")
     vh = bidvl.last_samples
     a, mu = before["a"], before["mu"]
@@ -93,7 +94,7 @@ def test_encoder_learns_from_the_elbo_only():
     pyro.set_rng_seed(1)
     v = torch.randn(16, D, dtype=D64) + 2.0
     eta, lam = 0.01, 0.7
-    bidvl = make(vae_weight=lam, energy_optim=pyro.optim.SGD({"lr": 0.0}),
+    bidvl = make(vae_weight=lam, optim=pyro.optim.SGD({"lr": 0.0}),
                  vae_optim=pyro.optim.SGD({"lr": eta}))
     bidvl.step(v)
     before = store("a", "mu", "w", "b")
@@ -107,11 +108,12 @@ def test_encoder_learns_from_the_elbo_only():
     for n in ("a", "mu"):
         torch.testing.assert_close(after[n], before[n], rtol=0, atol=0)
 
-    bidvl = make(vae_weight=0.0, energy_optim=pyro.optim.SGD({"lr": 0.0}),
+    bidvl = make(vae_weight=0.0, optim=pyro.optim.SGD({"lr": 0.0}),
                  vae_optim=pyro.optim.SGD({"lr": eta}))
     before = store("w", "b")
     for _ in range(3):
-        out = bidvl.step(v)
+        bidvl.step(v)
+        out = bidvl.last_losses
     after = store("w", "b")
     torch.testing.assert_close(after["b"], before["b"], rtol=0, atol=0)
     assert (after["w"] - before["w"]).abs().max() > 1e-6
@@ -155,11 +157,11 @@ def test_lower_level_loss_decreases_on_a_fixed_energy():
     bidvl = digits_setup(0, energy_lr=0.0)
     e0 = {k: p.detach().clone() for k, p in bidvl.energy_model.named_parameters()}
     torch.manual_seed(1)
-    first = sum(bidvl.evaluate_loss(x[:256])["lower"] for _ in range(5)) / 5
+    first = sum(bidvl.evaluate_losses(x[:256])["lower"] for _ in range(5)) / 5
     for v in datasets.batches(x, 64, epochs=6):
         bidvl.step(v)
     torch.manual_seed(1)
-    last = sum(bidvl.evaluate_loss(x[:256])["lower"] for _ in range(5)) / 5
+    last = sum(bidvl.evaluate_losses(x[:256])["lower"] for _ in range(5)) / 5
     # the ELBO term dominates: from about 120 per item to well under half of it
     assert last < 0.5 * first, (first, last)
     for k, p in bidvl.energy_model.named_parameters():
@@ -175,7 +177,8 @@ def test_ood_auroc_against_uniform_noise_after_training():
     err0 = float(bidvl.reconstruction_error(x_test).mean())
     enc0 = {k: p.detach().clone() for k, p in bidvl.encoder_guide.named_parameters()}
     for v in datasets.batches(x, 100, epochs=6):
-        out = bidvl.step(v)
+        bidvl.step(v)
+        out = bidvl.last_losses
     assert all(math.isfinite(val) for val in out.values())
     # every level trains: the encoder (from the ELBO) as well as the decoder and the energy
     for k, p in bidvl.encoder_guide.named_parameters():
@@ -197,7 +200,7 @@ def test_generate_with_langevin_matches_ula_closed_form():
     pyro.clear_param_store()
     pyro.set_rng_seed(4)
     v = torch.randn(8, D, dtype=D64)
-    bidvl = make(energy_optim=pyro.optim.SGD({"lr": 0.0}), vae_optim=pyro.optim.SGD({"lr": 0.0}),
+    bidvl = make(optim=pyro.optim.SGD({"lr": 0.0}), vae_optim=pyro.optim.SGD({"lr": 0.0}),
                  decoder_sample="mean")
     bidvl.step(v)
     pyro.get_param_store()["w"].data.zero_()  # decoder mean = 2 for every h
@@ -237,7 +240,7 @@ def unroll_setup(unroll_steps):
     decoder = GaussianDecoder(MLP(1, 2, (4,), activation="tanh").double(), 1, scale=0.3, output=None)
     encoder = AmortizedNormal(Encoder(2, 1, hidden=(4,)).double(), site="h")
     bidvl = BiDVL(ebm, decoder, encoder, pyro.optim.Adam({"lr": 0.05}), pyro.optim.Adam({"lr": 0.05}),
-                  lower_steps=2, vae_weight=0.5, unroll_steps=unroll_steps)
+                  inner_steps=2, vae_weight=0.5, unroll_steps=unroll_steps)
     v = torch.randn(12, 2, dtype=D64)
     return ebm, bidvl, v
 
@@ -280,7 +283,7 @@ def test_hypergradient_matches_finite_differences(unroll_steps):
 
 def test_unrolled_steps_leave_the_vae_untouched():
     ebm, bidvl, v = unroll_setup(2)
-    bidvl.lower_steps = 0
+    bidvl.inner_steps = 0
     before = {k: p.detach().clone() for k, p in bidvl.decoder_model.named_parameters()}
     before.update({k: p.detach().clone() for k, p in bidvl.encoder_guide.named_parameters()})
     s0 = ebm.s.detach().clone()
@@ -346,10 +349,10 @@ def test_bad_models_and_arguments_get_clear_errors():
 
     with pytest.raises(ValueError, match="without rsample.*decoder_sample='mean'"):
         make(decoder=bernoulli_decoder).step(v)
-    cases = ((dict(lower_steps=-1), "lower_steps"), (dict(vae_weight=-1.0), "vae_weight"),
+    cases = ((dict(inner_steps=-1), "inner_steps"), (dict(vae_weight=-1.0), "vae_weight"),
              (dict(vae_weight=float("nan")), "vae_weight"), (dict(latent_loss="l1"), "latent_loss"),
              (dict(decoder_sample="mode"), "decoder_sample"), (dict(num_samples=0), "num_samples"),
-             (dict(unroll_steps=2), "nn.Module"), (dict(energy_optim=torch.optim.SGD), "pyro.optim"))
+             (dict(unroll_steps=2), "nn.Module"), (dict(optim=torch.optim.SGD), "pyro.optim"))
     for kwargs, match in cases:
         with pytest.raises((ValueError, TypeError), match=match):
             make(**kwargs)

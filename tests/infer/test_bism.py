@@ -9,6 +9,7 @@ from pyro.nn import PyroModule
 
 from pyro_ebm.guides import AmortizedBernoulli, AmortizedNormal
 from pyro_ebm.infer import DSM, MDSM, SSM, BiSM
+from pyro_ebm.infer.trainer import make_optimizer
 from pyro_ebm.infer.unroll import UnrolledAdam, functional, trainable_parameters
 from pyro_ebm.models import GaussianRBM
 
@@ -156,30 +157,36 @@ def test_score_is_exact_marginal_score_for_exact_posterior_guide():
 
 
 def test_unrolled_adam_matches_torch_adam():
-    """One UnrolledAdam step from a real optimizer's state equals torch's next Adam step."""
+    """One UnrolledAdam step from a real optimizer's state equals torch's next Adam
+    step, for the one optimizer a trainer's level builds from a pyro.optim Adam /
+    AdamW (fused) and for a plain single-tensor torch Adam."""
     for args in ({"lr": 0.1, "betas": (0.8, 0.9)}, {"lr": 0.05, "weight_decay": 0.1, "amsgrad": True}):
-        for optim_cls in (pyro.optim.Adam, pyro.optim.AdamW):
+        for optim_cls in (pyro.optim.Adam, pyro.optim.AdamW, None):
             pyro.clear_param_store()
             torch.manual_seed(0)
             net = torch.nn.Linear(3, 2).double()
             x = torch.randn(5, 3, dtype=D64)
             params = trainable_parameters(net)
-            optim = optim_cls(dict(args))
+            if optim_cls is None:
+                optimizer = torch.optim.Adam(list(params.values()), foreach=False, **args)
+            else:
+                optimizer = make_optimizer(optim_cls(dict(args)), list(params.values()), list(params))
+                assert optimizer.defaults["fused"]
 
             def loss_of(fn, step, x=x):
                 return (fn(x) - step).pow(2).sum() + fn(x).sin().sum()
 
-            for step in range(3):
+            def real_step(step, optimizer=optimizer, net=net, params=params):
                 grads = torch.autograd.grad(loss_of(net, step), list(params.values()))
                 for p, g in zip(params.values(), grads, strict=True):
                     p.grad = g
-                optim(list(params.values()))
-            unrolled = UnrolledAdam(optim, params)
+                optimizer.step()
+
+            for step in range(3):
+                real_step(step)
+            unrolled = UnrolledAdam(optimizer, params)
             new = unrolled.step(loss_of(functional(net, params), 3), dict(params))
-            grads = torch.autograd.grad(loss_of(net, 3), list(params.values()))
-            for p, g in zip(params.values(), grads, strict=True):
-                p.grad = g
-            optim(list(params.values()))
+            real_step(3)
             for name, p in params.items():
                 torch.testing.assert_close(new[name], p.detach(), rtol=1e-12, atol=1e-12)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_ebm.infer import KALE
+from pyro_ebm.infer import KALE, DivergenceError
 from pyro_ebm.models import GEBM
 
 D64 = torch.float64
@@ -70,7 +70,7 @@ def test_kale_at_optimal_critic_matches_kl_closed_form():
         kale.critic_step(mu + s * torch.randn(2048, 1, dtype=D64))
     # then a smaller step size: at lr 0.03, c jitters by about 0.04 around its optimum
     # (seed-dependent), more than the tolerance below
-    kale.energy_optim = adam(0.003)
+    kale.optim = adam(0.003)
     for _ in range(200):
         kale.critic_step(mu + s * torch.randn(2048, 1, dtype=D64))
     # the optimum: -(E + c) = log N(x; mu, s^2) - log N(x; 0, 1)
@@ -78,7 +78,7 @@ def test_kale_at_optimal_critic_matches_kl_closed_form():
     assert abs(gebm.energy.b.item() + mu / s**2) < 0.05
     # evaluate on fresh samples; Monte Carlo s.e. of one estimate is about
     # sqrt(Var_P[log r] + Var_G[r]) / sqrt(n) ~ 0.006 here, far inside 5 %
-    estimates = [kale.evaluate_loss(mu + s * torch.randn(50_000, 1, dtype=D64))["kale"] for _ in range(4)]
+    estimates = [kale.evaluate_losses(mu + s * torch.randn(50_000, 1, dtype=D64))["kale"] for _ in range(4)]
     estimate = sum(estimates) / len(estimates)
     assert abs(estimate - kl) < 0.05 * kl, (estimate, kl)
     # c estimates log E_G[exp(-E)] of the trained energy
@@ -92,11 +92,13 @@ def test_generator_moves_base_to_data():
     mu = torch.tensor([1.0, -0.5], dtype=D64)
     gebm = GEBM(Shift(2), LinearEnergy(2), latent_dim=2)
     kale = KALE(gebm, adam(0.05), adam(0.02), critic_steps=5, warmup_critic_steps=20, penalty=0.0)
-    first = kale.step(mu + torch.randn(512, 2, dtype=D64))
+    kale.step(mu + torch.randn(512, 2, dtype=D64))
+    first = kale.last_losses
     assert set(first) == {"critic_loss", "generator_loss", "kale"}
     assert abs(first["kale"] - 0.625) < 0.15  # |mu|^2 / 2 after the warmup critic steps
     for _ in range(150):
-        out = kale.step(mu + torch.randn(512, 2, dtype=D64))
+        kale.step(mu + torch.randn(512, 2, dtype=D64))
+        out = kale.last_losses
     # Adam's jitter around the saddle point is about lr = 0.02 per coordinate
     assert torch.allclose(gebm.generator.t.detach(), mu, atol=0.1), gebm.generator.t
     assert abs(out["kale"]) < 0.05
@@ -110,7 +112,7 @@ def test_initial_c_and_gradient_penalty_closed_form():
     gebm = GEBM(nn.Identity(), LinearEnergy(2, value=w), latent_dim=2)
     kale = KALE(gebm, adam(1e-3), None, penalty=3.0, init_samples=100_000)
     x = torch.randn(1000, 2, dtype=D64)
-    out = kale.evaluate_loss(x)
+    out = kale.evaluate_losses(x)
     assert abs(kale.c.item() - w**2) < 0.02  # |w|^2 / 2 with |w|^2 = 2 w^2 -> w^2
     assert out["critic_loss"] == pytest.approx(-out["kale"] + 3.0 * 2 * w**2, rel=1e-9)
 
@@ -118,11 +120,11 @@ def test_initial_c_and_gradient_penalty_closed_form():
 def test_energy_floor_bounds_the_energy_in_the_objective():
     gebm = GEBM(nn.Identity(), Constant(-20.0), latent_dim=1)
     kale = KALE(gebm, adam(1e-3), None, energy_floor=-10.0, penalty=0.0)
-    out = kale.evaluate_loss(torch.zeros(8, 1, dtype=D64))
+    out = kale.evaluate_losses(torch.zeros(8, 1, dtype=D64))
     assert kale.c.item() == pytest.approx(10.0)  # log E[exp(-max(E, -10))]
     assert out["kale"] == pytest.approx(0.0, abs=1e-12)
     unfloored = KALE(gebm, adam(1e-3), None, energy_floor=None, penalty=0.0)
-    unfloored.evaluate_loss(torch.zeros(8, 1, dtype=D64))
+    unfloored.evaluate_losses(torch.zeros(8, 1, dtype=D64))
     assert unfloored.c.item() == pytest.approx(20.0)
 
 
@@ -131,7 +133,7 @@ def test_soft_clip_bounds_the_gradient_of_c():
     gebm = GEBM(nn.Identity(), Constant(0.0), latent_dim=1)
     kale = KALE(gebm, pyro.optim.SGD({"lr": 1.0}), None, penalty=0.0, c_grad_clip=0.5)
     x = torch.zeros(4, 1, dtype=D64)
-    kale.evaluate_loss(x)
+    kale.evaluate_losses(x)
     with torch.no_grad():
         kale.c.fill_(-5.0)
     kale.critic_step(x)
@@ -154,7 +156,7 @@ def test_data_dimension_must_match_generator_output():
 
 def test_bad_settings_are_rejected():
     gebm = GEBM(Shift(1), LinearEnergy(1), latent_dim=1)
-    with pytest.raises(TypeError, match="energy_optim must be a pyro.optim optimizer"):
+    with pytest.raises(TypeError, match="optim must be a pyro.optim optimizer"):
         KALE(gebm, torch.optim.Adam(gebm.parameters()), None)
     with pytest.raises(ValueError, match="critic_steps"):
         KALE(gebm, adam(1e-3), None, critic_steps=0)
@@ -184,7 +186,8 @@ def test_divergence_stops_with_the_step_named():
     kale.step(x)
     kale.step(x)
     gebm.energy.armed = True
-    with pytest.raises(RuntimeError, match=r"diverged at step 3 \(critic update 0\): the critic loss is nan"):
+    match = r"diverged at step 3 \(critic update 0\): the critic loss is nan"
+    with pytest.raises(DivergenceError, match=match):
         kale.step(x)
 
 
@@ -197,19 +200,21 @@ def test_a_generator_without_parameters_trains_the_energy_alone():
     kl = 0.5 * (s**2 + mu**2 - 1) - math.log(s)
     gebm = GEBM(nn.Identity(), QuadraticEnergy(), latent_dim=1)
     kale = KALE(gebm, adam(0.03), adam(1e-3), critic_steps=2, warmup_critic_steps=2, penalty=0.0)
-    first = kale.step(mu + s * torch.randn(1024, 1, dtype=D64))
+    kale.step(mu + s * torch.randn(1024, 1, dtype=D64))
+    first = kale.last_losses
     for _ in range(150):
-        out = kale.step(mu + s * torch.randn(1024, 1, dtype=D64))
+        kale.step(mu + s * torch.randn(1024, 1, dtype=D64))
+        out = kale.last_losses
     assert math.isfinite(out["generator_loss"]) and math.isfinite(first["generator_loss"])
     # the KALE estimate rose from about 0 toward KL(P || G), and the energy moved to the optimum
     assert first["kale"] < 0.25 * kl
-    estimate = kale.evaluate_loss(mu + s * torch.randn(50_000, 1, dtype=D64))["kale"]
+    estimate = kale.evaluate_losses(mu + s * torch.randn(50_000, 1, dtype=D64))["kale"]
     assert abs(estimate - kl) < 0.1 * kl, (estimate, kl)
     assert abs(gebm.energy.a.item() - (1 / (2 * s**2) - 0.5)) < 0.1
     assert abs(gebm.energy.b.item() + mu / s**2) < 0.1
     # the generator loss -E_P[E] - log E_G[exp(-E)] is the KALE at the optimal c
     x = mu + s * torch.randn(50_000, 1, dtype=D64)
-    assert kale.evaluate_loss(x)["generator_loss"] == pytest.approx(estimate, abs=0.05)
+    assert kale.evaluate_losses(x)["generator_loss"] == pytest.approx(estimate, abs=0.05)
 
 
 def test_steps_train_under_the_callers_no_grad():

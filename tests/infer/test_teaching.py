@@ -8,7 +8,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_ebm import mcmc
-from pyro_ebm.infer import MCMCTeaching
+from pyro_ebm.infer import DivergenceError, MCMCTeaching
 
 D, Z = 3, 2
 
@@ -36,7 +36,7 @@ def delta_guide(x, out_dim=D):
 
 def make_teaching(**kwargs):
     args = dict(energy_model=quadratic_ebm, vae_model=linear_vae_model, vae_guide=delta_guide,
-                ebm_optim=pyro.optim.SGD({"lr": 0.1}), vae_optim=pyro.optim.Adam({"lr": 0.05}),
+                optim=pyro.optim.SGD({"lr": 0.1}), vae_optim=pyro.optim.Adam({"lr": 0.05}),
                 kernel=mcmc.ULA(0.05), num_langevin_steps=5)
     args.update(kwargs)
     return MCMCTeaching(**args)
@@ -52,10 +52,11 @@ def test_vae_step_is_pyro_svi_with_trace_elbo():
     pyro.set_rng_seed(0)
     x = torch.randn(16, D, dtype=torch.float64)
     teaching = make_teaching()
-    assert isinstance(teaching.svi, SVI) and isinstance(teaching.svi.loss.__self__, Trace_ELBO)
+    assert isinstance(teaching.elbo, Trace_ELBO)
     teaching.step(x)  # creates every parameter
     before = params("w", "a", "mu")
-    stats = teaching.step(x)
+    teaching.step(x)
+    stats = teaching.last_losses
     x_rev = teaching.last_revised
 
     # the reported ELBO is Trace_ELBO's on the revised batch at the pre-step VAE parameters
@@ -90,10 +91,11 @@ def test_ebm_step_is_the_contrastive_gradient_on_ebm_params_only():
     pyro.set_rng_seed(2)
     x = torch.randn(32, D, dtype=torch.float64) + 1.0
     ebm_optim = pyro.optim.SGD({"lr": 0.1})
-    teaching = make_teaching(ebm_optim=ebm_optim)
+    teaching = make_teaching(optim=ebm_optim)
     teaching.step(x)
     mu = params("mu")["mu"]
-    stats = teaching.step(x)
+    teaching.step(x)
+    stats = teaching.last_losses
     x_rev = teaching.last_revised
     # L = mean E(x) − mean E(x̃); dL/dμ = mean(x̃) − mean(x)
     expected = mu - 0.1 * (x_rev.mean(0) - x.mean(0))
@@ -139,7 +141,7 @@ def test_decoder_mean_and_revision_lower_energy_on_fixed_ebm():
     teaching = make_teaching(energy_model=ebm, kernel=mcmc.ULA(0.05), num_langevin_steps=20)
     x = torch.randn(400, D)
     ebm_before = [p.detach().clone() for p in net.parameters()]
-    stats = teaching.evaluate_loss(x)  # no update
+    stats = teaching.evaluate_losses(x)  # no update
     assert all(torch.equal(a, b) for a, b in zip(ebm_before, net.parameters(), strict=True))
     # x0 are the decoder means z @ w + 2 at prior draws z
     x0 = teaching.last_init
@@ -189,7 +191,9 @@ def test_other_bad_inputs():
 
     with pytest.raises(ValueError, match=r"exactly one observed site.*\['x', 'y'\]"):
         make_teaching(vae_model=two_observed).step(torch.randn(4, D))
-    assert make_teaching(vae_model=two_observed, obs_site="x").step(torch.randn(4, D))["vae_elbo"] < 0
+    named = make_teaching(vae_model=two_observed, obs_site="x")
+    named.step(torch.randn(4, D))
+    assert named.last_losses["vae_elbo"] < 0
 
     def labelled_ebm(x, y):
         quadratic_ebm(x)
@@ -213,7 +217,7 @@ def test_divergence_stops_with_the_step_named():
     x = torch.randn(8, D) + 2.0
     teaching.step(x)
     x[:, 0] = 0.0
-    with pytest.raises(ValueError, match="EBM loss is inf at teaching step 2"):
+    with pytest.raises(DivergenceError, match="MCMCTeaching diverged at step 2: the EBM loss is inf"):
         teaching.step(x)
 
 
@@ -258,7 +262,8 @@ def test_conditional_samples_follow_their_label():
     assert acc_init < 0.4, acc_init  # the untrained VAE alone does not know the labels
 
     # and a conditional teaching step runs with per-item labels
-    stats = teaching.step(x_train[:50], y_train[:50])
+    teaching.step(x_train[:50], y_train[:50])
+    stats = teaching.last_losses
     assert stats["energy_revised"] < stats["energy_init"]
 
 

@@ -1,0 +1,722 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The one trainer contract of :mod:`pyro_ebm.infer`.
+
+Every trainer (:class:`~pyro_ebm.infer.ScoreMatching`, ``BiSM``, ``VaGES``,
+``ContrastiveDivergence``, ``KALE``, ``MCMCTeaching``, ``BiDVL``) is a
+:class:`Trainer`: ``step(*args)`` returns the main loss as a float and keeps
+every named loss of the step in ``last_losses``; ``evaluate_loss(*args)``
+returns the main loss without changing anything (``evaluate_losses`` all of
+them); ``num_steps`` counts the steps taken; every batch is validated.
+
+Each *level* of a trainer (``"model"``, ``"guide"``, ``"critic"``, ...) owns a
+set of parameters, collected once at the first step from the Pyro callables
+of that level (the trainable parameters of an ``nn.Module`` or
+``PyroModule``, plain ``nn.Module`` children included, and the ``pyro.param``
+sites of one run), and ONE torch optimizer over all of them, built from the
+``pyro.optim`` object the user passed. Updates take one path: gradients, then
+the optimizer step, with the loss, every gradient and every updated parameter
+checked for NaN / Inf by one host sync per step. A step that diverges raises
+:class:`DivergenceError` naming the step and the level, and leaves every
+parameter and optimizer state as it was before the step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.optim import PyroOptim
+from pyro.optim.lr_scheduler import PyroLRScheduler
+from pyro.params.param_store import module_from_param_with_module_name, normalize_param_name, user_param_name
+
+from ..energy import is_validation_error, module_of, nonfinite_entry
+
+__all__ = ["DivergenceError", "Level", "Trainer", "collect_parameters", "make_optimizer", "param_sites",
+           "require_adam"]
+
+
+class DivergenceError(ValueError):
+    """Training diverged: a loss, a gradient or an updated parameter is NaN or Inf.
+
+    When a trainer raises it, every parameter and optimizer state is as it was
+    before the step that diverged.
+
+    :ivar int step: the step being taken (1-based).
+    :ivar str level: the level whose loss, gradient or update went non-finite
+        (``"model"``, ``"guide"``, ``"critic"``, ``"generator"``, ``"energy"``, ``"vae"``).
+    """
+
+    def __init__(self, message, step=None, level=None):
+        super().__init__(message)
+        self.step, self.level = step, level
+
+    def __reduce__(self):
+        return type(self), (str(self), self.step, self.level)
+
+
+# -- parameters -----------------------------------------------------------------------
+
+
+def _display(name):
+    return normalize_param_name(name) if name else name
+
+
+def module_parameters(fn, prefix=None):
+    """``[(name, parameter)]``: the trainable parameters of the ``nn.Module`` behind
+    ``fn`` (the module itself or the owner of a bound method; ``[]`` for a plain
+    function), children of every kind included, named by the param store when
+    it holds them, else by ``prefix`` and the module's own names."""
+    module = module_of(fn)
+    if module is None:
+        return []
+    store = pyro.get_param_store()
+    if prefix is None:
+        prefix = getattr(module, "_pyro_name", "") or ""
+    out = []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            out.append((_display(store.param_name(p)) or (f"{prefix}.{name}" if prefix else name), p))
+    return out
+
+
+def param_sites(run):
+    """``[(name, tensor)]``: the unconstrained leaf tensors of every ``pyro.param``
+    statement of one run of ``run()`` (no gradient), by param-store name."""
+    with torch.no_grad(), poutine.trace(param_only=True) as tracer:
+        run()
+    out = []
+    for name, site in tracer.trace.nodes.items():
+        value = site["value"]
+        unconstrained = getattr(value, "unconstrained", None)
+        tensor = unconstrained() if callable(unconstrained) else value
+        if torch.is_tensor(tensor) and tensor.requires_grad:
+            out.append((_display(name), tensor))
+    return out
+
+
+def _unique(named, exclude=()):
+    seen = {id(t) for t in exclude}
+    out = []
+    for name, t in named:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append((name, t))
+    return out
+
+
+def collect_parameters(sources):
+    """The parameters of each part of a trainer, collected once.
+
+    :param dict sources: ``{part: [(fn, run), ...]}`` with a Pyro callable ``fn``
+        (or ``None``) and a thunk ``run`` (or ``None``) that runs it once.
+    :returns: ``{part: [(name, tensor), ...]}``: the trainable parameters of each
+        ``fn``'s ``nn.Module`` (all of them, plain ``nn.Module`` children
+        included), then the ``pyro.param`` sites of each ``run()``, without
+        repeats. A module behind the callables of two parts (e.g. ``vae.model``
+        and ``vae.guide``) cannot tell which parameter belongs to which: there
+        only the ``pyro.param`` / ``pyro.module`` statements of each run count.
+    """
+    owners = {}
+    for part, items in sources.items():
+        for fn, _ in items:
+            module = module_of(fn)
+            if module is not None:
+                owners.setdefault(id(module), set()).add(part)
+    out = {}
+    for part, items in sources.items():
+        named = []
+        for fn, run in items:
+            module = module_of(fn)
+            if module is not None and len(owners[id(module)]) == 1:
+                named += module_parameters(module)
+            if run is not None:
+                named += param_sites(run)
+        out[part] = _unique(named)
+    return out
+
+
+# -- one torch optimizer per level ----------------------------------------------------
+
+
+def _same_args(a, b):
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if x is y:
+            continue
+        if torch.is_tensor(x) or torch.is_tensor(y) or type(x) is not type(y) or x != y:
+            return False
+    return True
+
+
+def _args_of(optim, name):
+    """The per-parameter arguments of a ``pyro.optim`` object whose ``optim_args``
+    is a callable, called as Pyro calls it: with the normalized name
+    (``"encoder.weight"``) for a one-argument callable, with ``(module name,
+    parameter name)`` for a two-argument one."""
+    raw = name
+    if getattr(optim, "pt_optim_args_argc", 1) == 1:
+        args = optim.pt_optim_args(normalize_param_name(raw))
+    else:
+        args = optim.pt_optim_args(module_from_param_with_module_name(raw), user_param_name(raw))
+    if not isinstance(args, dict):
+        raise TypeError(f"the optimizer's optim_args callable must return a dict for parameter '{name}', "
+                        f"got {type(args).__name__}")
+    return args
+
+
+_FUSABLE = (torch.optim.Adam, torch.optim.AdamW)
+_IMPLEMENTATION = {"fused", "foreach", "differentiable", "capturable"}
+
+
+def make_optimizer(optim, params, names):
+    """ONE torch optimizer over ``params`` from the ``pyro.optim`` object ``optim``:
+    its ``pt_optim_constructor`` with its ``pt_optim_args`` (a dict for all, or a
+    callable of the parameter's name, giving one parameter group per distinct
+    result). Adam and AdamW run fused where the device supports it, other
+    optimizers with ``foreach=True`` where they take it, unless the arguments
+    choose an implementation themselves."""
+    constructor = optim.pt_optim_constructor
+    if callable(optim.pt_optim_args):
+        groups = []
+        for p, name in zip(params, names, strict=True):
+            args = _args_of(optim, name)
+            for group_args, members in groups:
+                if _same_args(group_args, args):
+                    members.append(p)
+                    break
+            else:
+                groups.append((args, [p]))
+        spec = [{"params": members, **args} for args, members in groups]
+        chosen = set().union(*(set(args) for args, _ in groups)) if groups else set()
+    else:
+        spec = [{"params": list(params), **optim.pt_optim_args}]
+        chosen = set(optim.pt_optim_args)
+    if not chosen & _IMPLEMENTATION:
+        if constructor in _FUSABLE and all(p.is_floating_point() for p in params):
+            try:
+                return constructor(spec, fused=True)
+            except (RuntimeError, ValueError, TypeError):  # e.g. a device without fused kernels
+                pass
+        try:
+            takes_foreach = "foreach" in inspect.signature(constructor).parameters
+        except (TypeError, ValueError):
+            takes_foreach = False
+        if takes_foreach:
+            return constructor(spec, foreach=True)
+    return constructor(spec)
+
+
+def require_adam(optim, why):
+    """Raise a ``ValueError`` unless the ``pyro.optim`` object ``optim`` builds a
+    ``torch.optim.Adam`` or ``AdamW`` (what unrolled steps replay)."""
+    constructor = getattr(optim, "pt_optim_constructor", None)
+    if constructor not in _FUSABLE:
+        name = getattr(constructor, "__name__", type(optim).__name__)
+        raise ValueError(f"{why} replay Adam, but the optimizer is {name}; use pyro.optim.Adam or "
+                         "pyro.optim.AdamW (or unroll_steps=0)")
+
+
+class Level:
+    """One level of a trainer: its parameters and its one torch optimizer.
+
+    The optimizer (and, for a ``pyro.optim`` scheduler such as
+    ``pyro.optim.ExponentialLR``, a scheduler over it) is registered in the
+    ``pyro.optim`` object's ``optim_objs`` under the level's first parameter, so
+    that the user's ``scheduler.step()``, ``get_state()``, ``save`` and ``load``
+    reach it. A state set with ``set_state`` / ``load`` is loaded at the next step.
+
+    :ivar str name: the level's name.
+    :ivar list params: its parameters; :ivar list names: their names.
+    :ivar torch.optim.Optimizer optimizer: the one optimizer.
+    """
+
+    def __init__(self, name, optim, named):
+        self.name = name
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.pyro_optim = None
+        self._groups, self._fused_check = None, True
+        self.build(optim)
+
+    def build(self, optim):
+        """(Re)build the optimizer from ``optim`` (fresh state, as a new ``pyro.optim``
+        object would start)."""
+        if not isinstance(optim, PyroOptim):
+            raise TypeError(f"the {self.name} level's optimizer must be a pyro.optim optimizer (e.g. "
+                            f"pyro.optim.Adam({{'lr': 1e-3}})), got {type(optim).__name__}")
+        self.pyro_optim = optim
+        self.optimizer = make_optimizer(optim, self.params, self.names)
+        self.scheduler = None
+        if isinstance(optim, PyroLRScheduler):
+            self.scheduler = optim.pt_scheduler_constructor(self.optimizer, **optim.kwargs)
+        store = pyro.get_param_store()
+        key = next((p for p in self.params if store.param_name(p) is not None), self.params[0])
+        self.key_name = store.param_name(key)
+        optim.optim_objs[key] = self.scheduler or self.optimizer
+        optim.grad_clip[key] = None
+        self._clip = self._clipper(optim)
+        self.consume_state()
+
+    def _clipper(self, optim):
+        clip = optim.pt_clip_args
+        if not clip:
+            return None
+        per = [clip if isinstance(clip, dict)
+               else clip(module_from_param_with_module_name(n), user_param_name(n)) for n in self.names]
+
+        def apply():
+            for p, args in zip(self.params, per, strict=True):
+                if p.grad is not None and args:
+                    PyroOptim._clip_grad(p, **args)  # per parameter, as pyro.optim clips
+
+        return apply
+
+    def consume_state(self):
+        """Load a state waiting in the ``pyro.optim`` object (``set_state`` / ``load``)
+        under this level's key, if there is one."""
+        waiting = self.pyro_optim._state_waiting_to_be_consumed
+        if not waiting or self.key_name not in waiting:
+            return
+        state = waiting.pop(self.key_name)
+        try:
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+                self.optimizer.load_state_dict(state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"the saved optimizer state under '{self.key_name}' does not fit the {self.name} level's "
+                f"one optimizer over {len(self.params)} parameters ({err}); it must come from the same "
+                "trainer's get_state()"
+            ) from err
+
+    def apply(self, grads):
+        """One optimizer step with ``grads`` (aligned with :attr:`params`, ``None``
+        where a parameter has no gradient). Returns 0-d flags, nonzero when a
+        parameter is NaN / Inf after the step (a non-finite gradient makes its
+        parameter non-finite), with no host sync."""
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = g
+        if self._clip is not None:
+            self._clip()
+        self.optimizer.step()
+        for p in self.params:
+            p.grad = None
+        return self.nonfinite_flags()
+
+    def nonfinite_flags(self):
+        """0-d float tensors (one per device and dtype of the parameters), nonzero
+        when a parameter holds a NaN or an Inf: one fused kernel per group."""
+        if self._groups is None:
+            groups = {}
+            for p in self.params:  # detached views, for an in-place check outside no_grad
+                groups.setdefault((p.device, p.dtype), []).append(p.detach())
+            self._groups = [(ps, torch.ones((), device=device)) for (device, _), ps in groups.items()]
+        flags = []
+        for ps, one in self._groups:
+            flag = torch.zeros((), device=one.device)
+            if self._fused_check:
+                try:  # GradScaler's check (a multiplication by 1 leaves the values as they are)
+                    torch._amp_foreach_non_finite_check_and_unscale_(ps, flag, one)
+                    flags.append(flag)
+                    continue
+                except (RuntimeError, NotImplementedError):  # no kernel for this device in this torch
+                    self._fused_check = False
+            norms = torch._foreach_norm(ps, ord=math.inf)
+            flags.append(torch.stack(norms).amax().float() * 0)  # NaN when any entry is NaN / Inf
+        return flags
+
+    def first_nonfinite(self):
+        """``(name, description)`` of the first parameter holding a NaN / Inf, or ``None``."""
+        for name, p in zip(self.names, self.params, strict=True):
+            found = nonfinite_entry(p.detach())
+            if found:
+                return name, found
+        return None
+
+    def state_dict(self):
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+class _Snapshot:
+    """The parameters and optimizer states of all levels at the start of a step,
+    copied into buffers allocated once (``torch._foreach_copy_``), for restoring
+    them when the step diverges. The list of tensors is rebuilt only when an
+    optimizer or the set of its states changed (a first step, ``load_state_dict``)."""
+
+    def __init__(self):
+        self.key, self.src, self.buf, self.fresh, self.scalars = None, [], [], [], []
+
+    def take(self, levels):
+        key = tuple((id(lv.optimizer), id(lv.optimizer.state), len(lv.optimizer.state)) for lv in levels)
+        if key != self.key or self.fresh or self.scalars:
+            self._gather(levels)
+            self.key = key
+            with torch.no_grad():
+                self.buf = [t.detach().clone() for t in self.src]
+        elif self.src:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buf, self.src)
+
+    def _gather(self, levels):
+        src, fresh, scalars = [], [], []
+        for level in levels:
+            src.extend(level.params)
+            state = level.optimizer.state
+            for p in level.params:
+                st = state.get(p)
+                if not st:
+                    fresh.append((state, p))
+                    continue
+                for k, value in st.items():
+                    if torch.is_tensor(value):
+                        src.append(value)
+                    else:
+                        scalars.append((st, k, value))
+        self.src, self.fresh, self.scalars = src, fresh, scalars
+
+    def restore(self, levels):
+        with torch.no_grad():
+            if self.src:
+                torch._foreach_copy_(self.src, self.buf)
+        for state, p in self.fresh:
+            state.pop(p, None)
+        for st, k, value in self.scalars:
+            st[k] = value
+        for level in levels:
+            for p in level.params:
+                p.grad = None
+
+
+class _Record:
+    """One checked quantity of a step: a loss, an update (its gradients and
+    updated parameters) or a value (e.g. negatives), with the 0-d tensors whose
+    finiteness is checked at the end of the step."""
+
+    __slots__ = ("kind", "level", "label", "where", "tensors", "names", "refs", "diagnose")
+
+    def __init__(self, kind, level, label, where, tensors, names=None, refs=None, diagnose=None):
+        self.kind, self.level, self.label, self.where = kind, level, label, where
+        self.tensors, self.names, self.refs, self.diagnose = tensors, names, refs, diagnose
+
+
+def _to_host(tensors):
+    """The 0-d tensors as floats, with one host sync."""
+    if not tensors:
+        return []
+    with torch.no_grad():
+        try:  # 0-d tensors on one device (dtypes are promoted)
+            return torch.stack(tensors).tolist()
+        except RuntimeError:
+            first = tensors[0]
+            return torch.stack([t.detach().reshape(()).to(first.device, torch.float64)
+                                for t in tensors]).tolist()
+
+
+def _kind(value):
+    return "NaN" if math.isnan(value) else "Inf"
+
+
+class Trainer:
+    """Base of every trainer in :mod:`pyro_ebm.infer` (see the module docstring).
+
+    Subclasses call ``super().__init__({level: attribute, ...})`` naming, for
+    each level, the attribute that holds its ``pyro.optim`` object (replacing
+    the attribute's object rebuilds the level's optimizer at the next step),
+    and implement :meth:`_validate`, :meth:`_parameters`, :meth:`_step` and
+    :meth:`_losses`; inside :meth:`_step` they report losses with
+    :meth:`_watch` and update a level with :meth:`_minimize` or :meth:`_apply`.
+
+    :ivar int num_steps: steps taken so far.
+    :ivar dict last_losses: every named loss of the last step, as floats.
+    :ivar dict levels: ``{name: Level}``, built at the first step.
+    """
+
+    algorithm = "Trainer"
+    #: the key of ``last_losses`` that :meth:`step` returns
+    main_loss = "loss"
+    #: what a divergence message advises
+    advice = "lower the learning rate"
+
+    def __init__(self, levels):
+        self._optim_attrs = dict(levels)
+        self.levels = {}
+        self.num_steps = 0
+        self.last_losses = {}
+        self._checked = set()
+        self._snapshot = _Snapshot()
+        self._records = None
+        self._level_now = None
+        self._pending_state = None
+
+    # -- what a trainer implements -------------------------------------------------
+
+    def _validate(self, args, kwargs, where):
+        """Check the batch ``args[0]`` (every call) and the models (once per shape);
+        errors name ``where`` (e.g. ``"step 3"``)."""
+        raise NotImplementedError
+
+    def _parameters(self, args, kwargs):
+        """``{level: [(name, tensor), ...]}``, collected once (e.g. by
+        :func:`collect_parameters`)."""
+        raise NotImplementedError
+
+    def _setup(self, args, kwargs):
+        """Once, before the parameters are collected (e.g. create a learned scalar)."""
+
+    def _step(self, args, kwargs):
+        """The body of one step: updates through :meth:`_minimize` / :meth:`_apply`;
+        returns ``{name: 0-d tensor or float}`` holding :attr:`main_loss`."""
+        raise NotImplementedError
+
+    def _losses(self, args, kwargs):
+        """The named losses at the current parameters, no update (for :meth:`evaluate_losses`)."""
+        raise NotImplementedError
+
+    def _diagnose(self, args, kwargs):
+        """Which site or term is non-finite on this batch (a sentence), for a
+        divergence message; run after the parameters are restored."""
+        return None
+
+    def _save_extra(self):
+        """Trainer state other than parameters to restore after a divergence."""
+        return None
+
+    def _load_extra(self, saved):
+        pass
+
+    # -- the contract ----------------------------------------------------------------
+
+    def step(self, *args, **kwargs) -> float:
+        """One training step on the batch ``args[0]`` (further arguments go to the
+        Pyro callables); returns the main loss (:attr:`main_loss`) as a float and
+        keeps every named loss of the step in :attr:`last_losses`.
+
+        :raises DivergenceError: a loss, gradient or updated parameter is NaN /
+            Inf; every parameter and optimizer state is then as before the step.
+        """
+        losses = self._run(self._step, args, kwargs, "step")
+        self.num_steps += 1
+        self.last_losses = losses
+        return losses[self.main_loss]
+
+    def evaluate_losses(self, *args, **kwargs) -> dict:
+        """Every named loss on the batch ``args[0]`` at the current parameters, as
+        floats; nothing is updated."""
+        self._require_data(args, "evaluate_loss")
+        self._validate(args, kwargs, "evaluate_loss")
+        named = self._losses(args, kwargs)
+        keys = [k for k, v in named.items() if torch.is_tensor(v)]
+        values = _to_host([named[k] for k in keys])
+        out = {k: v if torch.is_tensor(v) else float(v) for k, v in named.items()}
+        out.update(zip(keys, values, strict=True))
+        return out
+
+    def evaluate_loss(self, *args, **kwargs) -> float:
+        """The main loss on the batch ``args[0]`` (a float); nothing is updated."""
+        return self.evaluate_losses(*args, **kwargs)[self.main_loss]
+
+    def state_dict(self) -> dict:
+        """The trainer's own state: ``num_steps`` and each level's optimizer (and
+        scheduler) state. Parameters belong to the models (their ``state_dict``
+        or Pyro's param store)."""
+        levels = {name: level.state_dict() for name, level in self.levels.items()}
+        if self._pending_state:
+            levels = {**self._pending_state, **levels}
+        return {"num_steps": self.num_steps, "levels": levels}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; optimizer states of levels not built
+        yet are loaded at the first step."""
+        self.num_steps = int(state["num_steps"])
+        pending = {}
+        for name, level_state in state.get("levels", {}).items():
+            if name in self.levels:
+                self.levels[name].load_state_dict(level_state)
+            else:
+                pending[name] = level_state
+        self._pending_state = pending or None
+
+    # -- the update path -----------------------------------------------------------
+
+    def _watch(self, level, label, loss, where=None, diagnose=None):
+        """Check the 0-d ``loss`` of ``level`` at the end of the step; ``label``
+        reads ``"{label} is nan"`` in the message (e.g. ``"the upper-level loss"``).
+        Outside a step (e.g. a hypergradient) nothing is recorded."""
+        if self._records is None:
+            return
+        self._records.append(_Record("loss", level, label, where, [loss], diagnose=diagnose))
+        self._level_now = level
+
+    def _watch_value(self, level, label, value, where=None):
+        """Check every entry of the tensor ``value`` (e.g. ``"the negatives"``)."""
+        if self._records is None:
+            return
+        self._records.append(_Record("value", level, label, where, [value.detach().abs().amax()],
+                                     refs=[value]))
+
+    def _minimize(self, level, loss, where=None, retain_graph=None):
+        """One step of ``level``'s optimizer along the gradient of ``loss`` in its
+        parameters (and in no other)."""
+        params = self.levels[level].params
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
+        self._apply(level, grads, where)
+
+    def _apply(self, level, grads, where=None):
+        """One step of ``level``'s optimizer with ``grads`` (aligned with its
+        parameters); the updated parameters are checked at the end of the step
+        (and, when one is non-finite, the gradients, to say which went first)."""
+        self._level_now = level
+        grads = list(grads)
+        flags = self.levels[level].apply(grads)
+        self._records.append(_Record("update", level, None, where, flags, refs=grads))
+
+    # -- the machinery -------------------------------------------------------------
+
+    def _require_data(self, args, what):
+        if not args:
+            raise ValueError(f"{self.algorithm}.{what} needs the data batch as its first argument")
+
+    def _prepare(self, args, kwargs):
+        """Collect the parameters and build the optimizers (first call); later,
+        rebuild a level whose ``pyro.optim`` object was replaced and load states
+        set with ``set_state`` / ``load``."""
+        if self.levels:
+            for level in self.levels.values():
+                optim = getattr(self, self._optim_attrs[level.name])
+                if optim is not level.pyro_optim:
+                    level.build(optim)
+                elif optim._state_waiting_to_be_consumed:
+                    level.consume_state()
+            return
+        self._setup(args, kwargs)
+        # the collecting runs draw random numbers: leave the user's random stream as it was
+        devices = [a.device for a in args if torch.is_tensor(a) and a.device.type == "cuda"][:1]
+        with torch.random.fork_rng(devices=devices):
+            found = self._parameters(args, kwargs)
+        for name, attr in self._optim_attrs.items():
+            optim = getattr(self, attr)
+            named = found.get(name) or []
+            if optim is None or not named:
+                continue
+            self.levels[name] = Level(name, optim, named)
+        if self._pending_state:
+            for name in list(self._pending_state):
+                if name in self.levels:
+                    self.levels[name].load_state_dict(self._pending_state.pop(name))
+
+    def _run(self, body, args, kwargs, what):
+        """Validate, prepare, snapshot, run ``body``, check everything with one host
+        sync; restore and raise :class:`DivergenceError` on a divergence."""
+        self._require_data(args, what)
+        step = self.num_steps + 1
+        self._validate(args, kwargs, f"step {step}" if what == "step" else what)
+        self._prepare(args, kwargs)
+        levels = list(self.levels.values())
+        self._snapshot.take(levels)
+        extra = self._save_extra()
+        self._records, self._level_now = [], None
+        try:
+            return self._checked_run(body, args, kwargs, step, levels, extra)
+        finally:
+            self._records = None
+
+    def _checked_run(self, body, args, kwargs, step, levels, extra):
+        try:
+            with torch.enable_grad():  # trains under the caller's no_grad too
+                named = body(args, kwargs)
+            keys = [k for k, v in named.items() if torch.is_tensor(v)]
+            checked = [t for r in self._records for t in r.tensors]
+            values = _to_host([named[k] for k in keys] + checked)
+        except BaseException as err:
+            if not isinstance(err, Exception):
+                self._snapshot.restore(levels)
+                self._load_extra(extra)
+                raise
+            found = self._first_nonfinite(None)
+            detail = self._detail(found) if found is not None else None
+            self._snapshot.restore(levels)
+            self._load_extra(extra)
+            if found is not None:
+                raise self._divergence(found, detail, step, args, kwargs) from err
+            if isinstance(err, DivergenceError):
+                raise
+            if is_validation_error(err):
+                raise self._invalid_distribution(err, step, args, kwargs) from err
+            raise
+        found = self._first_nonfinite(values[len(keys):])
+        if found is not None:
+            detail = self._detail(found)
+            self._snapshot.restore(levels)
+            self._load_extra(extra)
+            raise self._divergence(found, detail, step, args, kwargs)
+        out = {k: v if torch.is_tensor(v) else float(v) for k, v in named.items()}
+        out.update(zip(keys, values[: len(keys)], strict=False))
+        return out
+
+    def _first_nonfinite(self, values):
+        """``(record, value)`` of the first checked quantity that is not finite, in
+        the order of the step; ``values`` are the checked tensors as floats
+        (``None``: read them now, after an error)."""
+        records = self._records or ()
+        if values is None:  # after an error: slow path, one sync per record
+            values = [x for r in records for x in _to_host(r.tensors)]
+        i = 0
+        for r in records:
+            for value in values[i:i + len(r.tensors)]:
+                if not math.isfinite(value) or (r.kind == "update" and value != 0):
+                    return r, value
+            i += len(r.tensors)
+        return None
+
+    def _detail(self, found):
+        """What went non-finite (read before the parameters are restored) and
+        whether a site diagnosis helps."""
+        record, value = found
+        if record.kind == "loss":
+            return f"{record.label} is {value}", True
+        if record.kind == "value":
+            return f"{record.label} contain {nonfinite_entry(record.refs[0].detach())}", True
+        level = self.levels[record.level]
+        for name, grad in zip(level.names, record.refs, strict=True):
+            found = nonfinite_entry(grad.detach()) if grad is not None else None
+            if found:
+                return f"parameter '{name}' got a gradient with {found}", True
+        bad = level.first_nonfinite()
+        name, what = bad if bad is not None else ("?", "NaN / Inf")
+        return f"parameter '{name}' became non-finite in the update ({what})", False
+
+    def _divergence(self, found, detail, step, args, kwargs):
+        record = found[0]
+        text, diagnose = detail
+        where = f" ({record.where})" if record.where else ""
+        text = f"{self.algorithm} diverged at step {step}{where}: {text} ({record.level} level)"
+        if diagnose:
+            found = record.diagnose() if record.diagnose is not None else self._diagnose(args, kwargs)
+            if found:
+                text += f"; {found}"
+        return DivergenceError(f"{text}; {self.advice}", step=step, level=record.level)
+
+    def _invalid_distribution(self, err, step, args, kwargs):
+        first = str(err.__cause__ or err).splitlines()[0]
+        level = self._level_now or next(iter(self._optim_attrs), None)
+        text = (f"{self.algorithm} diverged at step {step}: a distribution got invalid parameters ({first}) "
+                f"({level} level)")
+        found = self._diagnose(args, kwargs)
+        if found:
+            text += f"; {found}"
+        return DivergenceError(f"{text}; {self.advice}", step=step, level=level)
