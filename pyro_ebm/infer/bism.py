@@ -4,29 +4,27 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import pyro
 import torch
-from pyro import poutine
 
-from ..energy import check_dtype, check_guide_sites, require_reparameterized
-from ..guides import GuideView
+from ..energy import (
+    GuideView,
+    check_dtype,
+    check_guide_sites,
+    energy_view,
+    require_reparameterized,
+    trainable_parameters,
+)
+from ..energy import collect_params as _collect_params
 from .checks import at_step, check_batch, check_losses, describe_nonfinite
-from .score_matching import SSM, ScoreObjective, energy_view
-from .unroll import UnrolledAdam, check_unrollable, trainable_parameters
+from .score_matching import SSM, ScoreObjective
+from .unroll import UnrolledAdam, check_unrollable
 
 __all__ = ["BiSM", "lower_loss"]
 
 LOWER = ("kl", "fisher")
-
-
-@contextmanager
-def _collect_params(found: set):
-    """Add the unconstrained tensors of every ``pyro.param`` run inside to ``found``."""
-    with poutine.trace(param_only=True) as tracer:
-        yield
-    found.update(site["value"].unconstrained() for site in tracer.trace.nodes.values())
 
 
 def lower_loss(kind, model_view, guide, v, args=(), kwargs=None, num_particles=1, guide_params=None):

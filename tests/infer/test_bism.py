@@ -7,9 +7,10 @@ import pytest
 import torch
 from pyro.nn import PyroModule
 
+from pyro_ebm.energy import functional, trainable_parameters
 from pyro_ebm.guides import AmortizedBernoulli, AmortizedNormal
 from pyro_ebm.infer import DSM, MDSM, SSM, BiSM
-from pyro_ebm.infer.unroll import UnrolledAdam, functional, trainable_parameters
+from pyro_ebm.infer.unroll import UnrolledAdam
 from pyro_ebm.models import GaussianRBM
 
 D64 = torch.float64
