@@ -23,10 +23,12 @@ demo: $(STAMP)
 
 # Tests are hermetic: every cache the library or its dependencies write goes to a
 # fresh folder that is removed afterwards, so a green run never leans on ~/.cache.
+# lint-imports checks the layer contracts of pyproject.toml (arrows only point down).
 test: $(STAMP)
 	@cache=$$(mktemp -d) && trap 'rm -rf "$$cache"' EXIT && \
 	  XDG_CACHE_HOME="$$cache" MPLCONFIGDIR="$$cache/matplotlib" TORCHINDUCTOR_CACHE_DIR="$$cache/inductor" \
 	  PYRO_EBM_PROGRESS=0 $(BIN)/python -m pytest -q tests
+	$(BIN)/lint-imports
 	$(MAKE) docs
 
 docs: $(STAMP)

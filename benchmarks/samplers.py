@@ -32,7 +32,7 @@ import pyro.distributions as dist
 import torch
 
 from pyro_ebm import mcmc
-from pyro_ebm.infer.score_matching import energy_view
+from pyro_ebm.energy import energy_view
 from pyro_ebm.mcmc.kernels import potential_and_grad
 
 with warnings.catch_warnings():

@@ -176,7 +176,7 @@ def test_cached_view_does_not_keep_its_model_alive():
     import gc
     import weakref
 
-    from pyro_ebm.infer.score_matching import _METHOD_VIEWS, _VIEWS, energy_view
+    from pyro_ebm.energy.view import _METHOD_VIEWS, _VIEWS, energy_view
     from pyro_ebm.models import GaussianRBM
 
     grbm = GaussianRBM(2, 3)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_ebm.guides import AmortizedBernoulli, AmortizedNormal, ConcreteBernoulli, GuideView
+from pyro_ebm.energy import GuideView
+from pyro_ebm.guides import AmortizedBernoulli, AmortizedNormal, ConcreteBernoulli
 
 D64 = torch.float64
 

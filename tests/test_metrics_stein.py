@@ -164,3 +164,25 @@ def test_ksd_float_bandwidth_keeps_double_precision():
     a = metrics.ksd(x, -x, kernel="rbf", bandwidth=h)
     b = metrics.ksd(x, -x, kernel="rbf", bandwidth=torch.tensor(h, dtype=torch.float64))
     assert a.dtype == torch.float64 and float(a) == float(b)
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_fisher_divergence_of_a_score_matches_the_closed_form(as_tensor):
+    """Samples of N(0, I), model N(μ, I) given by its score −(x − μ): the Fisher divergence
+    is ½ E‖−x + (x − μ)‖² = ½‖μ‖²; the scores go in as a function (default critic) or as a
+    tensor (a linear critic, which holds the optimum f* = μ)."""
+    torch.manual_seed(0)
+    x = torch.randn(4000, 2, dtype=torch.float64)
+    mu = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    score = (mu - x) if as_tensor else (lambda y: mu - y)
+    critic = torch.nn.Linear(2, 2).double() if as_tensor else None
+    torch.manual_seed(1)
+    estimate = metrics.fisher_divergence(x, score, critic=critic, critic_steps=300, lr=1e-2)
+    exact = 0.5 * float(mu.pow(2).sum())
+    # the objective at f* on the held-out half (the last 2000 samples) is ½‖μ‖² − mean(xᵀμ):
+    # the estimate is near it, and within the sampling error of the truth
+    held = x[2000:] @ mu
+    assert abs(estimate - (exact - float(held.mean()))) < 0.02
+    assert abs(estimate - exact) < 4 * float(held.std()) / math.sqrt(2000), (estimate, exact)
+    with pytest.raises(ValueError, match=r"scores must have the samples' shape \(4000, 2\), got \(4000, 3\)"):
+        metrics.fisher_divergence(x, torch.zeros(4000, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="holdout must be in"):
+        metrics.fisher_divergence(x, score, holdout=0.0)

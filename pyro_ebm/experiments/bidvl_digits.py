@@ -44,8 +44,8 @@ from .. import datasets, mcmc
 from ..features import digits_features
 from ..guides import AmortizedNormal
 from ..infer import BiDVL, MCMCTeaching
-from ..infer.bidvl import GaussianDecoder
 from ..metrics import auroc, frechet_distance
+from ..models import GaussianDecoder
 from ..models.nets import MLP
 
 LATENT = 16

@@ -50,10 +50,10 @@ import pyro
 import torch
 
 from .. import datasets, mcmc
+from ..energy import energy_view
 from ..features import digits_features
 from ..guides import AmortizedNormal
 from ..infer import MDSM, BiSM
-from ..infer.score_matching import energy_view
 from ..metrics import frechet_distance
 from ..models.deep import DeepEBLVM
 from ..models.nets import MLP
@@ -113,12 +113,11 @@ def _kernel(step_size, levels, steps_per_level):
 def sample_joint(model, n, step_size=STEP_SIZE, levels=LEVELS, steps_per_level=STEPS_PER_LEVEL, like=None):
     """Unconditional samples: annealed Langevin on (v, h) with potential
     −log p̃(v, h) = E(v, h) + ½‖h‖² (+ const), from v ~ U(0, 1), h ~ N(0, I)."""
-    view = energy_view(model)
+    energy = energy_view(model).data_potential()
     like = torch.zeros(()) if like is None else like
 
     def potential(x):
-        v, h = x[:, :64], x[:, 64:]
-        return -view.log_density(v, values={"h": h}, per_item=True)
+        return energy(x[:, :64], values={"h": x[:, 64:]})
 
     init = torch.cat([torch.rand(n, 64, dtype=like.dtype), torch.randn(n, LATENT, dtype=like.dtype)], -1)
     kernel = _kernel(step_size, levels, steps_per_level)
@@ -131,13 +130,9 @@ def sample_conditional(model, guide, x_cond, step_size=STEP_SIZE, levels=LEVELS,
                        steps_per_level=STEPS_PER_LEVEL):
     """Samples of v given h = the guide's mean at the images ``x_cond``:
     annealed Langevin on v with potential E(v, h) (+ const), from v ~ U(0, 1)."""
-    view = energy_view(model)
     with torch.no_grad():
         h, _ = guide.params(x_cond)
-
-    def potential(v):
-        return -view.log_density(v, values={"h": h}, per_item=True)
-
+    potential = energy_view(model).data_potential(values={"h": h})
     kernel = _kernel(step_size, levels, steps_per_level)
     out = mcmc.sample(potential_fn=potential, kernel=kernel, num_chains=len(x_cond), num_samples=1,
                       warmup_steps=kernel.num_steps, initial=torch.rand_like(x_cond), progress=False)

@@ -43,12 +43,12 @@ from pathlib import Path
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.infer.util import zero_grads
 from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 
 from .. import datasets, mcmc
+from ..energy import collect_params
 from ..features import digits_classifier, digits_features
 from ..infer import MCMCTeaching
 from ..metrics import frechet_distance, mmd
@@ -179,14 +179,14 @@ def short_run_ebm(sampler, optim, x_train, iterations, seed, batch_size, energy_
     stream = datasets.batches(x_train, batch_size, seed=seed, drop_last=True)
     for i, batch in enumerate(itertools.islice(stream, iterations)):
         x_rev = sampler.sample(len(batch))
-        with poutine.trace(param_only=True) as capture:
+        params = set()
+        with collect_params(params):
             e_data, e_rev = sampler.energy(batch), sampler.energy(x_rev)
             penalty = energy_penalty * (e_data.pow(2).mean() + e_rev.pow(2).mean())
             loss = e_data.mean() - e_rev.mean() + penalty
         if not torch.isfinite(loss):
             raise ValueError(f"short-run EBM loss is {float(loss)} at step {i}")
         loss.backward()
-        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
         optim(params)
         zero_grads(params)
     return sampler

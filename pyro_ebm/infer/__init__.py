@@ -10,7 +10,7 @@ _WHERE = {
     "DSM": "score_matching",
     "MDSM": "score_matching",
     "ScoreMatching": "score_matching",
-    "DivergenceError": "trainer",
+    "DivergenceError": "trainer",  # defined in the energy core, re-exported here
     "Trainer": "trainer",
     "vaes_score": "vages",
     "ContrastiveDivergence": "cd",

@@ -6,109 +6,32 @@ from __future__ import annotations
 import math
 
 import pyro
-import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.infer import Trace_ELBO
-from pyro.nn import PyroModule
-from pyro.nn.module import to_pyro_module_
-from pyro.poutine.util import site_is_subsample
 
-from ..energy import check_dtype, check_finite, check_guide_sites, require_reparameterized
-from ..guides import GuideView
+from ..energy import (
+    GuideView,
+    check_dtype,
+    check_finite,
+    check_guide_sites,
+    energy_view,
+    functional,
+    latent_sites,
+    observed_site,
+    require_reparameterized,
+    trace_run,
+    trainable_parameters,
+)
 from ..metrics import auroc
 from .bism import loss_and_grads_by_name, mean_or_nan
 from .checks import at_step, check_batch, describe_nonfinite
-from .score_matching import energy_view
 from .trainer import Trainer, collect_parameters, require_adam
-from .unroll import UnrolledAdam, check_unrollable, functional, trainable_parameters
+from .unroll import UnrolledAdam, check_unrollable
 
-__all__ = ["BiDVL", "GaussianDecoder"]
+__all__ = ["BiDVL"]
 
 _DECODER_SAMPLE = ("rsample", "mean")
 _LATENT_LOSS = ("mse", "nll")
-
-
-class GaussianDecoder(PyroModule):
-    r"""The variational joint of BiDVL (and the model of a plain VAE) as a Pyro model:
-
-    .. math::
-
-        q_\psi(v, h) = p(h)\, q_\psi(v \mid h) = \mathcal N(h; 0, I)\;
-            \mathcal N\big(v;\ m(g_\psi(h)),\ \sigma^2 I\big),
-
-    with a decoder network :math:`g_\psi`, an optional output map ``m``
-    (``"sigmoid"`` for data in [0, 1], ``None`` for the identity) and a fixed
-    scale :math:`\sigma`. ``decoder(v)`` draws ``h`` (site ``latent_site``) for
-    each of the ``len(v)`` items inside ``pyro.plate("data", len(v))`` and
-    observes ``v`` at site ``obs_site``; both sites are reparameterized.
-
-    :param torch.nn.Module net: maps ``(N, latent_dim)`` to ``(N, *event)``; it is
-        converted in place to a :class:`~pyro.nn.PyroModule` so that its
-        parameters live in Pyro's param store (as ``decoder.*``).
-    :param int latent_dim: dimension of ``h``.
-    :param float scale: :math:`\sigma > 0`.
-    :param str output: ``"sigmoid"`` or ``None``.
-    :param str latent_site: name of the latent site.
-    :param str obs_site: name of the observed site.
-
-    >>> decoder = GaussianDecoder(MLP(16, 64), latent_dim=16, scale=0.1)
-    >>> pyro.infer.Trace_ELBO().loss(decoder, encoder_guide, x)      # a VAE's -ELBO
-
-    **References:** D. P. Kingma, M. Welling, "Auto-encoding variational Bayes",
-    ICLR 2014.
-    """
-
-    def __init__(self, net, latent_dim, scale=0.1, output="sigmoid", latent_site="h", obs_site="v"):
-        super().__init__()
-        if not isinstance(net, torch.nn.Module):
-            raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
-        if not isinstance(latent_dim, int) or latent_dim < 1:
-            raise ValueError(f"latent_dim must be an int >= 1, got {latent_dim!r}")
-        if not float(scale) > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
-        if output not in ("sigmoid", None):
-            raise ValueError(f"output must be 'sigmoid' or None, got {output!r}")
-        to_pyro_module_(net)
-        self.decoder = net
-        self.latent_dim, self.scale, self.output = latent_dim, float(scale), output
-        self.latent_site, self.obs_site = str(latent_site), str(obs_site)
-
-    def decode(self, h):
-        """The decoder mean :math:`m(g_\\psi(h))`."""
-        out = self.decoder(h)
-        return torch.sigmoid(out) if self.output == "sigmoid" else out
-
-    def forward(self, v, *args, **kwargs):
-        n = v.shape[0]
-        zeros = v.new_zeros((n, self.latent_dim))
-        with pyro.plate("data", n):
-            h = pyro.sample(self.latent_site, dist.Normal(zeros, 1.0).to_event(1))
-            loc = self.decode(h)
-            pyro.sample(self.obs_site, dist.Normal(loc, self.scale).to_event(loc.dim() - 1), obs=v)
-
-
-def _observed(trace, obs_site, conditioned=()):
-    observed = [s for s in trace.nodes.values() if s["type"] == "sample" and s["is_observed"]
-                and s["name"] not in conditioned and not s["infer"].get("is_auxiliary")
-                and not isinstance(s["fn"], dist.Unit)]
-    names = [s["name"] for s in observed]
-    if obs_site is not None:
-        if obs_site not in names:
-            raise ValueError(f"the decoder model has no observed site '{obs_site}'; observed: {names}")
-        return trace.nodes[obs_site]
-    if len(observed) != 1:
-        raise ValueError(
-            f"the decoder model must have exactly one observed site (q_ψ(v | h), obs=v), found "
-            f"{names or 'none'}; name it with obs_site=..."
-        )
-    return observed[0]
-
-
-def _latents(trace):
-    return {name: s for name, s in trace.nodes.items()
-            if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
-            and not s["infer"].get("_deterministic")}
 
 
 class BiDVL(Trainer):
@@ -344,7 +267,7 @@ class BiDVL(Trainer):
         with torch.no_grad():
             trace = self._decoder_trace(torch.zeros_like(v), args, kwargs)
             q_v = self._observed(trace, v)
-            latents = _latents(trace)
+            latents = latent_sites(trace)
             if not latents:
                 raise ValueError("the decoder model has no latent sample site h to decode from")
             require_reparameterized(latents.values(), "BiDVL's lower level (E(v̂) through the decoder)")
@@ -354,11 +277,11 @@ class BiDVL(Trainer):
                     "rsample, so v̂ cannot carry a gradient; use decoder_sample='mean'"
                 )
             try:
-                guide_trace = poutine.trace(self.encoder_guide).get_trace(v, *args, **kwargs)
+                guide_trace = trace_run(self.encoder_guide, v, *args, **kwargs)
             except (RuntimeError, ValueError) as err:
                 raise ValueError(f"running the encoder guide on the data batch of shape {tuple(v.shape)} "
                                  f"failed: {err}") from err
-            guide_sites = _latents(guide_trace)
+            guide_sites = latent_sites(guide_trace)
             check_guide_sites(latents, guide_sites)
             if self.latent_loss == "mse":
                 for name, site in guide_sites.items():
@@ -401,7 +324,8 @@ class BiDVL(Trainer):
         return diagnose
 
     def _observed(self, trace, like, conditioned=()):
-        site = _observed(trace, self.obs_site, conditioned)
+        site = observed_site(trace, self.obs_site, conditioned, role="decoder model",
+                             what="q_ψ(v | h), obs=v")
         fn = site["fn"]
         shape = tuple(fn.batch_shape + fn.event_shape)
         if shape != tuple(like.shape):
@@ -417,7 +341,7 @@ class BiDVL(Trainer):
     def _decoder_trace(self, like, args, kwargs, weights=None):
         model = functional(self.decoder_model, weights)
         try:
-            return poutine.trace(model).get_trace(like, *args, **kwargs)
+            return trace_run(model, like, *args, **kwargs)
         except (RuntimeError, ValueError) as err:
             raise ValueError(
                 f"running the decoder model on a batch shaped like the data {tuple(like.shape)} failed: {err}"
@@ -428,7 +352,7 @@ class BiDVL(Trainer):
         like = self._like.new_zeros((n,) + self._like.shape[1:])
         trace = self._decoder_trace(like, args, kwargs, weights)
         fn = self._observed(trace, like)
-        h = {name: site["value"] for name, site in _latents(trace).items()}
+        h = {name: site["value"] for name, site in latent_sites(trace).items()}
         if self.decoder_sample == "mean":
             return fn.mean.to(like.dtype), h, like.new_zeros(())
         try:
@@ -441,7 +365,7 @@ class BiDVL(Trainer):
         """Per-item energy :math:`E_\\theta(v) = -\\log \\tilde p_\\theta(v)`, shape
         ``(len(v),)``, differentiable in ``v`` and :math:`\\theta`; :math:`-E` is the
         out-of-distribution score."""
-        return self._energy(v, args, kwargs)
+        return self.view.data_potential(*args, purpose=self.algorithm, **kwargs)(v)
 
     def _energy(self, v, args, kwargs):
         return -self.view.log_density(v, *args, per_item=True, **kwargs)
@@ -459,10 +383,8 @@ class BiDVL(Trainer):
             with self.guide_view.using(weights):
                 qs = self.guide_view.conditionals(v_hat, *args, **kwargs)
         else:
-            guide = functional(self.encoder_guide, weights)
-            with poutine.trace() as tracer:
-                guide(v_hat, *args, **kwargs)
-            qs = {name: tracer.trace.nodes[name]["fn"] for name in h_hat}
+            trace = trace_run(functional(self.encoder_guide, weights), v_hat, *args, **kwargs)
+            qs = {name: trace.nodes[name]["fn"] for name in h_hat}
         n = v_hat.shape[0]
         total = 0.0
         for name, h in h_hat.items():
@@ -585,9 +507,9 @@ class BiDVL(Trainer):
         site whose distribution has no ``.mean`` gives one draw instead."""
         self.view._check_data(v)
         with torch.no_grad():
-            trace = poutine.trace(self.encoder_guide).get_trace(v, *args, **kwargs)
+            trace = trace_run(self.encoder_guide, v, *args, **kwargs)
         out = {}
-        for name, site in _latents(trace).items():
+        for name, site in latent_sites(trace).items():
             try:
                 out[name] = site["fn"].mean.detach()
             except NotImplementedError:
@@ -599,8 +521,7 @@ class BiDVL(Trainer):
         like ``v`` (detached)."""
         h = self.encode(v, *args, **kwargs)
         with torch.no_grad():
-            model = poutine.condition(self.decoder_model, data=h)
-            trace = poutine.trace(model).get_trace(v, *args, **kwargs)
+            trace = trace_run(self.decoder_model, v, *args, values=h, **kwargs)
             fn = self._observed(trace, v, conditioned=h)
         return fn.mean.to(v.dtype).detach()
 

@@ -9,12 +9,18 @@ import pyro
 import torch
 from pyro import poutine
 
-from ..energy import check_dtype, check_guide_sites, require_reparameterized
-from ..guides import GuideView
+from ..energy import (
+    GuideView,
+    check_dtype,
+    check_guide_sites,
+    energy_view,
+    require_reparameterized,
+    trainable_parameters,
+)
 from .checks import ALL_FINITE, at_step, check_batch, describe_nonfinite
-from .score_matching import SSM, ScoreObjective, energy_view
+from .score_matching import SSM, ScoreObjective
 from .trainer import Trainer, collect_parameters, require_adam
-from .unroll import UnrolledAdam, check_unrollable, trainable_parameters
+from .unroll import UnrolledAdam, check_unrollable
 
 __all__ = ["BiSM", "lower_loss"]
 

@@ -5,25 +5,19 @@ from __future__ import annotations
 
 import torch
 
-from ..energy import check_dtype, check_finite, find_nonfinite
+from ..energy import check_dtype, check_finite, energy_view, find_nonfinite, module_of
+from ..mcmc.kernels import ULA
 from .checks import at_step, check_batch
-from .score_matching import energy_view
 from .trainer import DivergenceError, Trainer, collect_parameters
 
 __all__ = ["ContrastiveDivergence"]
 
 
-def _as_grbm(model):
-    """The :class:`~pyro_ebm.models.GaussianRBM` behind ``model`` (the module or its
-    ``.marginal``), else ``None``."""
-    from ..models.grbm import GaussianRBM
-
-    if isinstance(model, GaussianRBM):
-        return model
-    owner = getattr(model, "__self__", None)
-    if isinstance(owner, GaussianRBM) and getattr(model, "__func__", None) is GaussianRBM.marginal:
-        return owner
-    return None
+def offered_sampler(model):
+    """The sampler a model offers for its data, ``model.gibbs_sampler()`` (or that
+    of the module whose method ``model`` is, e.g. ``grbm.marginal``), else ``None``."""
+    offer = getattr(module_of(model), "gibbs_sampler", None)
+    return offer() if callable(offer) else None
 
 
 class ContrastiveDivergence(Trainer):
@@ -45,24 +39,25 @@ class ContrastiveDivergence(Trainer):
     PCD-k (``persistent=True``) keeps ``num_chains`` chains across steps, started
     at rows of the first batch.
 
-    The sampler of the negatives:
+    The sampler of the negatives is ``sampler``, any object with the kernel
+    interface ``init(position, potential) -> state`` and ``step(state) -> (state,
+    info)`` whose state has a ``position``, run ``k`` steps on the potential
+    ``F`` (:meth:`~pyro_ebm.energy.EnergyView.data_potential`; chains hold the data
+    flattened to ``(C, D)``; persistent chains restart the kernel each step, since
+    the potential changed). By default it is the sampler the model offers,
+    ``model.gibbs_sampler()`` (a :class:`~pyro_ebm.models.GaussianRBM`, the module
+    or its ``.marginal``, offers block Gibbs sweeps ``v → h → v``, and its
+    ``F`` is then the analytic free energy of the sampler's ``marginal`` model), else
+    ``ULA(step_size=0.01)`` from :mod:`pyro_ebm.mcmc`.
 
-    - a :class:`~pyro_ebm.models.GaussianRBM` (the module or its ``.marginal``):
-      ``k`` block Gibbs sweeps ``v → h → v`` (:meth:`GaussianRBM.gibbs_step`), with
-      ``F`` the analytic free energy;
-    - any other Pyro model over the data with no latent sites: ``k`` steps of a
-      kernel from :mod:`pyro_ebm.mcmc` on the potential ``F`` (default
-      ``ULA(step_size=0.01)``; chains hold the data flattened to ``(C, D)``).
-      Persistent chains restart the kernel each step, since the potential changed.
-
-    A ``sampler`` given for a GaussianRBM replaces Gibbs by that kernel on ``F``.
-
-    :param model: a GaussianRBM, its ``.marginal``, or a Pyro model ``model(v)``
-        with a ``pyro.factor`` inside ``pyro.plate("data", len(v))`` and no latent sites.
+    :param model: a Pyro model ``model(v)`` with a ``pyro.factor`` inside
+        ``pyro.plate("data", len(v))`` and no latent sites, or a model that offers a
+        sampler (a GaussianRBM or its ``.marginal``).
     :param pyro.optim.PyroOptim optim: optimizer of the model's parameters (param store).
     :param int k: MCMC steps per parameter step (≥ 1).
+    :param sampler: a kernel with ``init(position, potential) -> state`` and
+        ``step(state) -> (state, info)``; ``None`` for the model's own or ULA.
     :param bool persistent: keep the chains across steps (PCD).
-    :param sampler: a kernel with ``init(position, potential) -> state`` and ``step(state) -> (state, info)``.
     :param int num_chains: persistent chains (default: the first batch's size).
 
     >>> grbm = GaussianRBM(visible_dim=2, hidden_dim=8)
@@ -84,7 +79,7 @@ class ContrastiveDivergence(Trainer):
 
     algorithm = "ContrastiveDivergence"
 
-    def __init__(self, model, optim, k=1, persistent=False, sampler=None, num_chains=None):
+    def __init__(self, model, optim, k=1, sampler=None, persistent=False, num_chains=None):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         if not isinstance(k, int) or k < 1:
@@ -96,13 +91,13 @@ class ContrastiveDivergence(Trainer):
                 raise ValueError(f"num_chains must be an int >= 1, got {num_chains!r}")
         if sampler is not None and not (hasattr(sampler, "init") and hasattr(sampler, "step")):
             raise TypeError(f"sampler must have init(position, potential) and step(state), got {sampler!r}")
-        self.grbm = _as_grbm(model)
-        self.model = self.grbm.marginal if self.grbm is not None else model
+        offered = offered_sampler(model)
+        # a model that offers a sampler names the latent-free model it samples (its free energy)
+        self.model = getattr(offered, "marginal", model)
         self.view = energy_view(self.model)
-        if sampler is None and self.grbm is None:
-            from ..mcmc.kernels import ULA
-
-            sampler = ULA(step_size=0.01)
+        self.free_energy = self.view.data_potential(purpose="ContrastiveDivergence")
+        if sampler is None:
+            sampler = offered if offered is not None else ULA(step_size=0.01)
         self.optim, self.k, self.persistent = optim, k, persistent
         self.sampler, self.num_chains = sampler, num_chains
         self.chains = None  # persistent chains, (num_chains, *event)
@@ -148,12 +143,6 @@ class ContrastiveDivergence(Trainer):
                 return f"{found} on the {what}"
         return "the model's sites are finite on the data and the negatives"
 
-    def _potential(self, event_shape):
-        def potential(x):
-            return -self.view.log_density(x.reshape((-1,) + event_shape), per_item=True)
-
-        return potential
-
     def _start(self, v):
         if not self.persistent:
             return v.detach()
@@ -175,31 +164,25 @@ class ContrastiveDivergence(Trainer):
 
     def _draws(self, v):
         x = self._start(v)
-        if self.sampler is None:
-            try:
-                for _ in range(self.k):
-                    x = self.grbm.gibbs_step(x)
-            except RuntimeError as err:  # e.g. NaN hidden probabilities
-                raise DivergenceError(
-                    f"ContrastiveDivergence diverged at step {self.num_steps + 1}: Gibbs sampling "
-                    f"failed ({err}); {self._diagnose_batches(('data', v))}; lower the learning rate",
-                    step=self.num_steps + 1, level="model",
-                ) from err
-        else:
-            event = tuple(x.shape[1:])
-            state = self.sampler.init(x.reshape(x.shape[0], -1), self._potential(event))
+        event = tuple(x.shape[1:])
+        potential = self.view.data_potential(event_shape=event, purpose="ContrastiveDivergence")
+        try:
+            state = self.sampler.init(x.reshape(x.shape[0], -1), potential)
             for _ in range(self.k):
                 state, _ = self.sampler.step(state)
-            x = state.position.reshape((-1,) + tuple(x.shape[1:]))
-        return x.detach()
+        except RuntimeError as err:  # e.g. NaN hidden probabilities of a Gibbs sweep
+            raise DivergenceError(
+                f"ContrastiveDivergence diverged at step {self.num_steps + 1}: {type(self.sampler).__name__} "
+                f"failed ({err}); {self._diagnose_batches(('data', v))}; lower the learning rate",
+                step=self.num_steps + 1, level="model",
+            ) from err
+        return state.position.reshape((-1,) + event).detach()
 
     # -- loss and steps --------------------------------------------------------
 
     def loss(self, v, negatives):
         """:math:`\\overline{F(v)} - \\overline{F(v^-)}` with a graph to the parameters."""
-        free_data = -self.view.log_density(v, per_item=True)
-        free_neg = -self.view.log_density(negatives.detach(), per_item=True)
-        return free_data.mean() - free_neg.mean()
+        return self.free_energy(v).mean() - self.free_energy(negatives.detach()).mean()
 
     def _parameters(self, args, kwargs):
         v = args[0]

@@ -11,74 +11,27 @@ estimated scores in there. The score is :math:`s(v) = \\nabla_v \\log \\tilde p(
 
 from __future__ import annotations
 
-import inspect
 import math
-import weakref
 
 import pyro
 import torch
 
-from ..energy import EnergyView, check_data, check_dtype, find_nonfinite
+from ..energy import (
+    check_data,
+    check_dtype,
+    energy_view,
+    exact_trace,
+    find_nonfinite,
+    hutchinson_trace,
+)
 from .checks import at_step, check_batch
 from .trainer import Trainer, collect_parameters
 
-__all__ = ["DSM", "MDSM", "SSM", "ExactSM", "ScoreMatching", "ScoreObjective", "energy_view",
-           "hutchinson_trace", "noise_grid"]
-
-_VIEWS = weakref.WeakKeyDictionary()
-_METHOD_VIEWS = weakref.WeakKeyDictionary()  # owner -> {function: view}
-
-
-def energy_view(model) -> EnergyView:
-    """The one cached :class:`~pyro_ebm.energy.EnergyView` of ``model``.
-
-    A bound method (e.g. ``grbm.marginal``, a new object at every attribute access)
-    is keyed by its owner and function, so every access finds the same view. The
-    cache holds models weakly: it never keeps one alive.
-    """
-    if inspect.ismethod(model):
-        try:
-            per_owner = _METHOD_VIEWS.setdefault(model.__self__, {})
-        except TypeError:  # owner not weak-referenceable
-            return EnergyView(model)
-        view = per_owner.get(model.__func__)
-        if view is None:
-            view = per_owner[model.__func__] = EnergyView(model, weak=True)
-        return view
-    try:
-        view = _VIEWS.get(model)
-    except TypeError:  # not weak-referenceable
-        return EnergyView(model)
-    if view is None:
-        view = _VIEWS[model] = EnergyView(model, weak=True)
-    return view
+__all__ = ["DSM", "MDSM", "SSM", "ExactSM", "ScoreMatching", "ScoreObjective", "noise_grid"]
 
 
 def _flat(x):
     return x.reshape(x.shape[0], -1)
-
-
-def hutchinson_trace(s, x, num_projections=1, noise="rademacher"):
-    """Unbiased per-item estimate of :math:`\\operatorname{tr}(\\nabla_x s(x))`:
-    :math:`\\frac1M\\sum_m u_m^\\top \\nabla_x (s(x)^\\top u_m)` with Rademacher
-    (or Gaussian) ``u``. ``s`` must be built from ``x`` with a graph."""
-    total = 0.0
-    for _ in range(num_projections):
-        u = torch.randn_like(s) if noise == "gaussian" else torch.randint_like(s, 2) * 2 - 1
-        (g,) = torch.autograd.grad((s * u).sum(), x, create_graph=True, retain_graph=True)
-        total = total + _flat(g * u).sum(-1)
-    return total / num_projections
-
-
-def exact_trace(s, x):
-    """Per-item :math:`\\operatorname{tr}(\\nabla_x s(x))` by one backward pass per
-    coordinate (for small dimension)."""
-    sf = _flat(s)
-    total = 0.0
-    for d in range(sf.shape[1]):
-        (g,) = torch.autograd.grad(sf[:, d].sum(), x, create_graph=True, retain_graph=True)
-        total = total + _flat(g)[:, d]
-    return total
 
 
 def noise_grid(batch_size, sigma_min, sigma_max, like):

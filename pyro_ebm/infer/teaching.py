@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import math
 
-import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.optim import PyroOptim
 
-from ..energy import check_dtype, check_finite, find_nonfinite
+from ..energy import check_dtype, check_finite, find_nonfinite, observed_site, trace_run
 from ..mcmc.amortized import AmortizedLangevin
 from .checks import at_step, check_batch, describe_nonfinite
 from .trainer import DivergenceError, Trainer, collect_parameters
@@ -147,12 +145,13 @@ class MCMCTeaching(Trainer):
         whose values are not used)."""
         try:
             with torch.no_grad():
-                trace = poutine.trace(self.vae_model).get_trace(like, *args, **kwargs)
+                trace = trace_run(self.vae_model, like, *args, **kwargs)
         except (RuntimeError, ValueError) as err:
             raise ValueError(
                 f"running the VAE model on a batch shaped like the data {tuple(like.shape)} failed: {err}"
             ) from err
-        site = self._observed_site(trace)
+        site = observed_site(trace, self.obs_site, role="VAE model",
+                             what="the decoder likelihood, obs=x")
         fn = site["fn"]
         try:
             mean = fn.mean
@@ -169,21 +168,6 @@ class MCMCTeaching(Trainer):
             )
         check_finite(f"decoder mean of site '{site['name']}'", mean)
         return mean.to(like.dtype).detach()
-
-    def _observed_site(self, trace):
-        observed = [s for s in trace.nodes.values() if s["type"] == "sample" and s["is_observed"]
-                    and not isinstance(s["fn"], dist.Unit) and not s["infer"].get("is_auxiliary")]
-        names = [s["name"] for s in observed]
-        if self.obs_site is not None:
-            if self.obs_site not in names:
-                raise ValueError(f"the VAE model has no observed site '{self.obs_site}'; observed: {names}")
-            return trace.nodes[self.obs_site]
-        if len(observed) != 1:
-            raise ValueError(
-                f"the VAE model must have exactly one observed site (the decoder likelihood, obs=x), "
-                f"found {names or 'none'}; name it with obs_site=..."
-            )
-        return observed[0]
 
     def _initial_points(self, n, *args, **kwargs):
         if self._like is None:

@@ -32,29 +32,10 @@ from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 from pyro.params.param_store import module_from_param_with_module_name, normalize_param_name, user_param_name
 
-from ..energy import is_validation_error, module_of, nonfinite_entry
+from ..energy import DivergenceError, is_validation_error, module_of, nonfinite_entry
 
-__all__ = ["DivergenceError", "Level", "Trainer", "collect_parameters", "make_optimizer", "param_sites",
+__all__ = ["Level", "Trainer", "collect_parameters", "make_optimizer", "param_sites",
            "require_adam"]
-
-
-class DivergenceError(ValueError):
-    """Training diverged: a loss, a gradient or an updated parameter is NaN or Inf.
-
-    When a trainer raises it, every parameter and optimizer state is as it was
-    before the step that diverged.
-
-    :ivar int step: the step being taken (1-based).
-    :ivar str level: the level whose loss, gradient or update went non-finite
-        (``"model"``, ``"guide"``, ``"critic"``, ``"generator"``, ``"energy"``, ``"vae"``).
-    """
-
-    def __init__(self, message, step=None, level=None):
-        super().__init__(message)
-        self.step, self.level = step, level
-
-    def __reduce__(self):
-        return type(self), (str(self), self.step, self.level)
 
 
 # -- parameters -----------------------------------------------------------------------

@@ -6,22 +6,18 @@ then needs the parameters after N *more* steps as a differentiable function of
 everything the inner loss depends on. :class:`UnrolledAdam` replays
 ``torch.optim.Adam`` on a dict of fast weights, starting from the hyperparameters
 and the moment state that the level's one torch Adam holds for the real
-parameters, and :func:`functional` runs the module with those weights
-through ``torch.func.functional_call``. The real parameters and the real
+parameters, and :func:`pyro_ebm.energy.functional` runs the module with those
+weights through ``torch.func.functional_call``. The real parameters and the real
 optimizer state are never written.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call
 
-__all__ = ["UnrolledAdam", "check_unrollable", "functional", "trainable_parameters"]
+from ..energy import trainable_parameters
 
-
-def trainable_parameters(module: torch.nn.Module) -> dict:
-    """The module's parameters that require a gradient, by name."""
-    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+__all__ = ["UnrolledAdam", "check_unrollable"]
 
 
 def check_unrollable(module, why: str) -> None:
@@ -45,17 +41,6 @@ def check_unrollable(module, why: str) -> None:
         )
     if not trainable_parameters(module):
         raise ValueError(f"{why} found no trainable parameters in the guide ({type(module).__name__})")
-
-
-def functional(module: torch.nn.Module, weights: dict | None):
-    """``module`` as a function of its fast ``weights`` (``None``: its own parameters)."""
-    if weights is None:
-        return module
-
-    def call(*args, **kwargs):
-        return functional_call(module, weights, args, kwargs)
-
-    return call
 
 
 def _safe_sqrt(x):

@@ -4,15 +4,13 @@ for energy-based latent variable models, and a critic-based Fisher divergence.""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pyro
 import torch
 
 from .. import metrics
-from ..energy import check_data, check_finite, check_guide_sites
-from ..guides import GuideView
+from ..energy import GuideView, check_data, check_guide_sites, energy_view
 from .bism import (
     LOWER,
     check_model_and_guide,
@@ -22,7 +20,7 @@ from .bism import (
     mean_or_nan,
     model_and_guide_parameters,
 )
-from .score_matching import DSM, MDSM, energy_view, exact_trace, hutchinson_trace
+from .score_matching import DSM, MDSM
 from .trainer import Trainer
 
 __all__ = ["VaGES", "fisher_divergence", "ksd_halves", "vaes_score"]
@@ -301,150 +299,43 @@ class VaGES(Trainer):
         return loss_and_grads_by_name(self, "model", lambda: self._loss(v, rest, kwargs))
 
 
-class _Critic(torch.nn.Module):
-    """f(v) = A v + a + MLP(v): a linear part plus a SiLU network."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.linear = torch.nn.Linear(dim, dim)
-        nn = torch.nn
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, dim))
-
-    def forward(self, v):
-        return self.linear(v) + self.net(v)
-
-
-def _critic_objective(critic, x, s, exact):
-    x = x.detach().requires_grad_(True)
-    f = critic(x)
-    trace = exact_trace(f, x) if exact else hutchinson_trace(f, x)
-    return (s * f).sum(-1) + trace - 0.5 * f.pow(2).sum(-1)
-
-
-def fisher_divergence(model, guide, data, num_particles=10, critic=None, critic_steps=1000, batch_size=256,
-                      lr=1e-3, hidden=64, holdout=0.5, validation=0.2, eval_every=50, max_exact_dim=64,
-                      args=(), kwargs=None, return_critic=False):
-    r"""Estimate the Fisher divergence between the data and an EBLVM,
-
-    .. math::
-
-        \mathcal F = \tfrac12\, \mathbb E_{p_\text{data}}\big\|\nabla_v \log p_\text{data}(v)
-            - \nabla_v \log p_\theta(v)\big\|^2,
-
-    from samples alone, with the model's score given only through its VaES
-    :math:`\hat s(v)` (see :func:`vaes_score`). For any critic :math:`f`,
-    :math:`\tfrac12\|a\|^2 \ge a^\top f - \tfrac12\|f\|^2` with equality at
-    :math:`f = a`, and integration by parts gives
-    :math:`\mathbb E_{p_\text{data}}[f^\top \nabla \log p_\text{data}] = -\mathbb E_{p_\text{data}}
-    [\operatorname{tr} \nabla_v f]`, so
-
-    .. math::
-
-        \mathcal F = \max_f\ \mathbb E_{p_\text{data}}\Big[\hat s(v)^\top f(v)
-            + \operatorname{tr}\nabla_v f(v) - \tfrac12\|f(v)\|^2\Big],
-
-    attained at :math:`f = \nabla \log p_\theta - \nabla \log p_\text{data}`; the noise
-    of :math:`\hat s` averages out because :math:`f` depends on :math:`v` only, and
-    a critic short of the optimum gives a lower bound, short by
-    :math:`\tfrac12\mathbb E\|f - f^*\|^2`.
-
-    The data are split three ways: the critic (default: a linear map plus a
-    two-layer SiLU network) is trained by Adam on minibatches of the first
-    part, with the trace by Hutchinson's estimator
-    (:math:`u^\top \nabla_v (f^\top u)`, Rademacher :math:`u`); every
-    ``eval_every`` steps it is scored on the ``validation`` part and the best
-    checkpoint is kept (on a finite sample the objective is unbounded, so a
-    critic trained too long overfits); the estimate is its objective on the
-    ``holdout`` part, with an exact trace up to ``max_exact_dim`` dimensions.
+def fisher_divergence(model, guide, data, num_particles=10, args=(), kwargs=None, **options):
+    r"""The critic-based estimate of the Fisher divergence between the data and an
+    EBLVM, :func:`pyro_ebm.metrics.fisher_divergence`, with the model's score
+    given by its VaES :math:`\hat s(v)` (:func:`vaes_score`, ``num_particles``
+    draws of the guide per item); the noise of :math:`\hat s` averages out,
+    because the critic depends on :math:`v` only.
 
     :param callable model: Pyro model with latent sites, or a latent-free model
         when ``guide`` is ``None`` (its exact score is used).
     :param callable guide: guide for the VaES, or ``None``.
     :param torch.Tensor data: samples of :math:`p_\text{data}`, shape ``(N, *event)``.
     :param int num_particles: particles of the VaES.
-    :param torch.nn.Module critic: a critic ``f`` mapping flattened items
-        ``(n, D)`` to ``(n, D)``; default as above.
-    :param int critic_steps: Adam steps of the critic.
-    :param int batch_size: critic minibatch size.
-    :param float lr: critic learning rate.
-    :param int hidden: width of the default critic.
-    :param float holdout: fraction of the data kept for the estimate.
-    :param float validation: fraction of the rest kept for choosing the checkpoint.
-    :param int eval_every: steps between validation scores.
-    :param int max_exact_dim: largest dimension with an exact trace in evaluations.
-    :param bool return_critic: also return the trained critic.
+    :param tuple args: further model / guide arguments.
+    :param dict kwargs: further model / guide keyword arguments.
+    :param options: the critic's settings, passed to
+        :func:`pyro_ebm.metrics.fisher_divergence` (``critic``, ``critic_steps``,
+        ``batch_size``, ``lr``, ``hidden``, ``holdout``, ``validation``,
+        ``eval_every``, ``max_exact_dim``, ``return_critic``).
     :returns: the estimate (a float), or ``(estimate, critic)``.
 
     >>> fisher_divergence(grbm, guide, test_data, num_particles=10)
 
     **References:** F. Bao, K. Xu, C. Li, L. Hong, J. Zhu, B. Zhang, "Variational
     (gradient) estimate of the score function in energy-based latent variable
-    models", ICML 2021; J. Gorham, L. Mackey, "Measuring sample quality with
-    Stein's method", NeurIPS 2015.
+    models", ICML 2021.
     """
     kwargs = kwargs or {}
     check_data(data, "data")
-    for name, frac in (("holdout", holdout), ("validation", validation)):
-        if not 0 < frac < 1:
-            raise ValueError(f"{name} must be in (0, 1), got {frac}")
-    for name, value, least in (("critic_steps", critic_steps, 0), ("batch_size", batch_size, 1),
-                               ("num_particles", num_particles, 1), ("eval_every", eval_every, 1)):
-        if not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    n = data.shape[0]
-    n_eval = int(round(holdout * n))
-    n_val = int(round(validation * (n - n_eval)))
-    n_train = n - n_eval - n_val
-    if min(n_eval, n_val, n_train) < 1:
-        raise ValueError(
-            f"holdout={holdout} and validation={validation} leave an empty split of the {n} data items"
-        )
-    scores = []
-    for chunk in data.split(4096):
-        if guide is None:
-            with torch.enable_grad():
-                s = energy_view(model).score(chunk.detach().requires_grad_(True), *args, create_graph=False,
-                                             **kwargs)
-        else:
-            s = vaes_score(model, guide, chunk, num_particles, args, kwargs)
-        scores.append(s.detach())
-    x, s = _flat(data.detach()), _flat(torch.cat(scores))
-    check_finite("the model's estimated score", s)
-    train = x[:n_train], s[:n_train]
-    val = x[n_train:n_train + n_val], s[n_train:n_train + n_val]
-    held = x[n_train + n_val:], s[n_train + n_val:]
-    dim = x.shape[1]
-    exact = dim <= max_exact_dim
-    if critic is None:
-        critic = _Critic(dim, hidden).to(dtype=x.dtype, device=x.device)
-    optimizer = torch.optim.Adam(critic.parameters(), lr=lr)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    with torch.enable_grad():
-        best, best_state = _critic_value(critic, *val, exact), copy.deepcopy(critic.state_dict())
-        for step in range(1, critic_steps + 1):
-            idx = torch.randint(n_train, (min(batch_size, n_train),), generator=gen).to(x.device)
-            loss = -_critic_objective(critic, train[0][idx], train[1][idx], exact=False).mean()
-            if not math.isfinite(float(loss.detach())):
-                raise ValueError(
-                    f"fisher_divergence's critic diverged at step {step}: loss is {float(loss)}"
-                )
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if step % eval_every == 0 or step == critic_steps:
-                value = _critic_value(critic, *val, exact)
-                if value > best:
-                    best, best_state = value, copy.deepcopy(critic.state_dict())
-        critic.load_state_dict(best_state)
-        estimate = _critic_value(critic, *held, exact)
-    return (estimate, critic) if return_critic else estimate
+    if not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles must be an integer >= 1, got {num_particles!r}")
+    if guide is None:
+        view = energy_view(model)
 
+        def score(x):
+            return view.score(x.detach(), *args, create_graph=False, **kwargs).detach()
+    else:
+        def score(x):
+            return vaes_score(model, guide, x, num_particles, args, kwargs)
 
-def _critic_value(critic, x, s, exact):
-    total = 0.0
-    for xb, sb in zip(x.split(4096), s.split(4096), strict=True):
-        total += float(_critic_objective(critic, xb, sb, exact).detach().sum())
-    return total / x.shape[0]
+    return metrics.fisher_divergence(data, score, **options)

@@ -8,8 +8,7 @@ import warnings
 
 import torch
 
-from ..energy import check_finite
-from ..infer.score_matching import energy_view
+from ..energy import check_finite, energy_view
 from .kernels import ULA, KernelInfo, KernelState, _column, _langevin_move, potential_and_grad
 
 __all__ = ["AmortizedLangevin"]
@@ -102,24 +101,16 @@ class AmortizedLangevin:
         self.num_steps = num_steps
         self.noise = bool(noise)
         self._view = energy_view(energy_model)
-        self._checked = set()
 
     def energy(self, x, *args, **kwargs):
         """Per-item energy :math:`E(x) = -\\log \\tilde p(x)`, shape ``(len(x),)``,
         differentiable w.r.t. ``x`` and the model's parameters."""
-        key = (tuple(x.shape), x.dtype, x.device.type)
-        if key not in self._checked:
-            self._check(x, args, kwargs)
-            self._checked.add(key)
-        return -self._view.log_density(x, *args, per_item=True, **kwargs)
+        return self.potential(*args, **kwargs)(x)
 
     def potential(self, *args, **kwargs):
-        """The kernel's potential :math:`U(x) = E(x)` over positions ``(C, *event)``."""
-
-        def potential_fn(x):
-            return self.energy(x, *args, **kwargs)
-
-        return potential_fn
+        """The kernel's potential :math:`U(x) = E(x)` over positions ``(C, *event)``: the
+        energy model's :class:`~pyro_ebm.energy.DataPotential`."""
+        return self._view.data_potential(*args, purpose="Langevin revision", **kwargs)
 
     def revise(self, x0, *args, return_trajectory=False, **kwargs):
         """Run the K kernel steps from the given proposals ``x0`` ``(C, *event)``.
@@ -166,13 +157,3 @@ class AmortizedLangevin:
             got = f"shape {tuple(x0.shape)}" if torch.is_tensor(x0) else type(x0).__name__
             raise ValueError(f"the initializer must return a tensor of shape ({n}, *event), got {got}")
         return self.revise(x0.detach(), *args, return_trajectory=return_trajectory, **kwargs)
-
-    def _check(self, x, args, kwargs):
-        st = self._view.structure(x, *args, **kwargs)
-        if st.latents:
-            raise ValueError(
-                f"the energy model has latent site(s) {sorted(st.latents)}; Langevin revision "
-                "needs a model of the data alone (marginalize the latents, e.g. a free energy)"
-            )
-        with torch.enable_grad():  # the check differentiates, also when called under no_grad
-            self._view.check_model(x.detach(), *args, **kwargs)

@@ -8,7 +8,7 @@ from collections import OrderedDict
 import torch
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
-from ..infer.score_matching import energy_view
+from ..energy import energy_view
 from .adaptation import StepSizeAdaptation
 
 __all__ = ["PyroKernel"]
@@ -82,7 +82,7 @@ class PyroKernel(MCMCKernel):
         self._reset()
         self._warmup_steps = warmup_steps
         self._potential = energy_view(self.model).latent_potential(*args, **kwargs)
-        self.transforms = {info.name: transform.inv for info, transform, _, _ in self._potential.sites}
+        self.transforms = {site.name: site.transform.inv for site in self._potential.sites}
         if self._initial_params is None:
             z = self._potential.sample_prior(1)
         else:
@@ -98,10 +98,10 @@ class PyroKernel(MCMCKernel):
         self._reset()
 
     def _pack(self, params):
-        missing = [info.name for info, *_ in self._potential.sites if info.name not in params]
+        missing = [site.name for site in self._potential.sites if site.name not in params]
         if missing:
             raise ValueError(f"initial params miss latent site(s) {missing}")
-        parts = [params[info.name].detach().reshape(1, -1) for info, *_ in self._potential.sites]
+        parts = [params[site.name].detach().reshape(1, -1) for site in self._potential.sites]
         z = torch.cat(parts, -1)
         if z.shape[1] != self._potential.dim:
             raise ValueError(
@@ -111,7 +111,8 @@ class PyroKernel(MCMCKernel):
         return z
 
     def _unpack(self, z):
-        return {info.name: z[0, sl].reshape(ushape) for info, _, ushape, sl in self._potential.sites}
+        return {site.name: z[0, site.slice].reshape(site.unconstrained_shape)
+                for site in self._potential.sites}
 
     def sample(self, params):
         if params is not self._params:  # the caller moved the chain: restart the kernel there

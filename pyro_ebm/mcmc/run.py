@@ -9,7 +9,7 @@ import inspect
 
 import torch
 
-from ..energy import LatentPotential, check_data, check_finite
+from ..energy import LatentPotential, check_data, check_finite, energy_view
 from ..progress import progress_bar
 from .adaptation import StepSizeAdaptation
 from .kernels import KernelState, NonFiniteStartError
@@ -340,8 +340,6 @@ def _go_on_from(state, last):
 
 def _model_potential(model, model_args, model_kwargs, initial):
     """The latent potential of the Pyro model ``model`` run on its arguments."""
-    from ..infer.score_matching import energy_view
-
     view = energy_view(model)
     name = getattr(model, "__name__", "this callable")
     try:
@@ -434,7 +432,7 @@ def _latent_initial(potential, num_chains, initial):
         prior = potential.sample_prior(num_chains)
         position = 4 * torch.rand_like(prior) - 2
     elif isinstance(initial, dict):
-        expected = {info.name: info.shape for info, *_ in potential.sites}
+        expected = {site.name: site.info.shape for site in potential.sites}
         unknown = sorted(set(initial) - set(expected))
         missing = sorted(set(expected) - set(initial))
         if unknown or missing:
@@ -452,10 +450,10 @@ def _latent_initial(potential, num_chains, initial):
                 )
             check_finite(f"initial value of site '{name}'", value)
         position = potential.pack({k: v.detach() for k, v in initial.items()})
-        for info, _, _, sl in potential.sites:
-            if not bool(torch.isfinite(position[:, sl]).all()):
+        for site in potential.sites:
+            if not bool(torch.isfinite(position[:, site.slice]).all()):
                 raise ValueError(
-                    f"initial value of site '{info.name}' lies outside its support {info.support}"
+                    f"initial value of site '{site.name}' lies outside its support {site.info.support}"
                 )
     elif torch.is_tensor(initial):
         if tuple(initial.shape) != (num_chains, potential.dim):

@@ -3,7 +3,7 @@
 
 import importlib
 
-_WHERE = {"GaussianRBM": "grbm", "GEBM": "gebm", "DeepEBLVM": "deep"}
+_WHERE = {"GaussianRBM": "grbm", "GEBM": "gebm", "DeepEBLVM": "deep", "GaussianDecoder": "decoders"}
 __all__ = sorted(_WHERE)
 
 

@@ -11,7 +11,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from ..energy import check_finite
+from ..energy import check_finite, energy_view
 from ..progress import progress_bar
 
 __all__ = ["GEBM"]
@@ -125,8 +125,6 @@ class GEBM(PyroModule):
         kernels of :mod:`pyro_ebm.mcmc` take. It is the energy view of this
         model (:meth:`pyro_ebm.energy.EnergyView.latent_potential`) with one
         draw per run."""
-        from ..infer.score_matching import energy_view
-
         return energy_view(self).latent_potential(1)
 
     def sample(self, num_samples: int, kernel, num_steps: int, initial=None, return_latent: bool = False,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pyro
 import pyro.distributions as dist
@@ -13,7 +14,7 @@ from pyro.nn import PyroModule, pyro_method
 
 from ..energy import check_finite
 
-__all__ = ["GaussianRBM"]
+__all__ = ["GaussianRBM", "GibbsInfo", "GibbsSampler", "GibbsState"]
 
 MAX_EXACT_HIDDEN = 20
 _CHUNK = 1 << 14  # hidden states enumerated per chunk by log_partition
@@ -140,6 +141,13 @@ class GaussianRBM(PyroModule):
         ``beta`` scales ``W`` (the AIS path; 1 is the model)."""
         return self.sample_visible(self.sample_hidden(v, beta), beta)
 
+    def gibbs_sampler(self, beta=1.0) -> GibbsSampler:
+        """Block Gibbs sweeps as a sampler with the kernel interface
+        (``init(position) -> state``, ``step(state) -> (state, info)``), leaving the
+        marginal :math:`p(v) \\propto e^{-F(v)}` invariant; what
+        :class:`~pyro_ebm.infer.ContrastiveDivergence` uses for this model."""
+        return GibbsSampler(self, beta)
+
     @torch.no_grad()
     def sample(self, n, num_steps, init=None):
         """``n`` draws after ``num_steps`` Gibbs sweeps from ``init`` (default: the
@@ -241,3 +249,60 @@ class GaussianRBM(PyroModule):
         check_finite("data", v)
         log_z = self.log_partition() if log_partition is None else log_partition
         return -self.free_energy(v) - log_z
+
+
+class GibbsState(NamedTuple):
+    """The state of C chains of block Gibbs sampling: the visible units ``(C, D)``."""
+
+    position: torch.Tensor
+
+
+class GibbsInfo(NamedTuple):
+    """What one sweep reports: the hidden units ``(C, H)`` it drew on the way."""
+
+    hidden: torch.Tensor
+
+
+class GibbsSampler:
+    r"""Block Gibbs sampling of a :class:`GaussianRBM`'s visible units, one sweep
+    :math:`v \to h \sim p(h \mid v) \to v' \sim p(v \mid h)` per step
+    (:meth:`GaussianRBM.gibbs_step`), for C chains at once.
+
+    It has the interface of the kernels of :mod:`pyro_ebm.mcmc`: ``init(position,
+    potential=None) -> state`` (the potential is not needed: the conditionals are
+    exact) and ``step(state) -> (state, info)``, so a trainer that takes a kernel
+    (e.g. :class:`~pyro_ebm.infer.ContrastiveDivergence`) takes it too. Each sweep
+    leaves :math:`p_\beta(v) \propto e^{-F_\beta(v)}` invariant, whose Pyro model
+    (for ``beta = 1``) is :attr:`marginal`.
+
+    :param GaussianRBM grbm: the model.
+    :param float beta: the scale of ``W`` (the AIS path; 1 is the model).
+
+    >>> sampler = grbm.gibbs_sampler()
+    >>> state = sampler.init(v)
+    >>> for _ in range(10):
+    ...     state, info = sampler.step(state)
+    >>> state.position.shape, info.hidden.shape      # (C, D), (C, H)
+    """
+
+    def __init__(self, grbm: GaussianRBM, beta: float = 1.0):
+        if not isinstance(grbm, GaussianRBM):
+            raise TypeError(f"grbm must be a GaussianRBM, got {type(grbm).__name__}")
+        self.grbm, self.beta = grbm, float(beta)
+
+    @property
+    def marginal(self):
+        """The latent-free Pyro model of :math:`p(v)` (``grbm.marginal``) that the sweeps sample."""
+        return self.grbm.marginal
+
+    def init(self, position, potential=None) -> GibbsState:
+        d = self.grbm.visible_dim
+        if not torch.is_tensor(position) or position.dim() != 2 or position.shape[1] != d:
+            got = tuple(position.shape) if torch.is_tensor(position) else type(position).__name__
+            raise ValueError(f"positions must be visible units of shape (chains, {d}), got {got}")
+        return GibbsState(position.detach())
+
+    @torch.no_grad()
+    def step(self, state: GibbsState) -> tuple[GibbsState, GibbsInfo]:
+        h = self.grbm.sample_hidden(state.position, self.beta)
+        return GibbsState(self.grbm.sample_visible(h, self.beta)), GibbsInfo(h)

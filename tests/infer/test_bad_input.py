@@ -16,9 +16,8 @@ from torch import nn
 
 from pyro_ebm.guides import AmortizedBernoulli, AmortizedNormal
 from pyro_ebm.infer import DSM, KALE, BiDVL, BiSM, ContrastiveDivergence, MCMCTeaching, VaGES
-from pyro_ebm.infer.bidvl import GaussianDecoder
 from pyro_ebm.mcmc import ULA
-from pyro_ebm.models import GEBM, GaussianRBM
+from pyro_ebm.models import GEBM, GaussianDecoder, GaussianRBM
 from pyro_ebm.models.nets import MLP
 
 D, H = 2, 3  # data and latent dimensions of every set-up (float32 modules)

@@ -12,7 +12,7 @@ from pyro.nn.module import to_pyro_module_
 from pyro_ebm import datasets, mcmc
 from pyro_ebm.guides import AmortizedNormal
 from pyro_ebm.infer import BiDVL
-from pyro_ebm.infer.bidvl import GaussianDecoder
+from pyro_ebm.models import GaussianDecoder
 from pyro_ebm.models.nets import MLP
 
 D64 = torch.float64

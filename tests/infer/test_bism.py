@@ -7,10 +7,11 @@ import pytest
 import torch
 from pyro.nn import PyroModule
 
+from pyro_ebm.energy import functional, trainable_parameters
 from pyro_ebm.guides import AmortizedBernoulli, AmortizedNormal
 from pyro_ebm.infer import DSM, MDSM, SSM, BiSM
 from pyro_ebm.infer.trainer import make_optimizer
-from pyro_ebm.infer.unroll import UnrolledAdam, functional, trainable_parameters
+from pyro_ebm.infer.unroll import UnrolledAdam
 from pyro_ebm.models import GaussianRBM
 
 D64 = torch.float64

@@ -10,6 +10,7 @@ from pyro_ebm import datasets
 from pyro_ebm.infer import ContrastiveDivergence
 from pyro_ebm.mcmc import ULA
 from pyro_ebm.models import GaussianRBM
+from pyro_ebm.models.grbm import GibbsSampler
 
 F64 = torch.float64
 
@@ -155,6 +156,44 @@ def discrete_latent_model(v):
     with pyro.plate("data", v.shape[0]):
         h = pyro.sample("h", dist.Bernoulli(0.5 * torch.ones(2)).to_event(1))
         pyro.factor("energy", -((v - h) ** 2).sum(-1))
+
+
+class CountingGibbs:
+    """A sampler offered by a model: block Gibbs of a GaussianRBM that counts its steps."""
+
+    def __init__(self, grbm):
+        self.inner, self.steps = GibbsSampler(grbm), 0
+        self.marginal = grbm.marginal
+
+    def init(self, position, potential=None):
+        return self.inner.init(position)
+
+    def step(self, state):
+        self.steps += 1
+        return self.inner.step(state)
+
+
+class OffersSampler(GaussianRBM):
+    """Any model may offer its sampler: CD takes it without knowing the class."""
+
+    def gibbs_sampler(self):
+        self.offered = CountingGibbs(self)
+        return self.offered
+
+
+def test_cd_uses_the_sampler_the_model_offers_else_langevin():
+    g = OffersSampler(2, 3).double()
+    cd = ContrastiveDivergence(g, pyro.optim.SGD({"lr": 0.01}), k=3)
+    assert cd.sampler is g.offered and cd.model == g.marginal  # the free energy of the sampled model
+    cd.step(torch.randn(8, 2, dtype=F64))
+    assert g.offered.steps == 3
+    grbm = GaussianRBM(2, 3)
+    cd = ContrastiveDivergence(grbm.marginal, pyro.optim.SGD({"lr": 0.01}))
+    assert isinstance(cd.sampler, GibbsSampler) and cd.model == grbm.marginal
+    given = ULA(0.01)  # a sampler given wins over the model's own, on the same free energy
+    cd = ContrastiveDivergence(grbm, pyro.optim.SGD({"lr": 0.01}), sampler=given)
+    assert cd.sampler is given and cd.model == grbm.marginal
+    assert isinstance(ContrastiveDivergence(quadratic_model, pyro.optim.SGD({"lr": 0.01})).sampler, ULA)
 
 
 def test_errors():

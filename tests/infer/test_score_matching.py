@@ -11,8 +11,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from pyro_ebm.energy import hutchinson_trace
 from pyro_ebm.infer import DSM, MDSM, SSM, ExactSM
-from pyro_ebm.infer.score_matching import hutchinson_trace, noise_grid
+from pyro_ebm.infer.score_matching import noise_grid
 from pyro_ebm.models import GaussianRBM
 
 

@@ -6,12 +6,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_ebm.guides import AmortizedBernoulli, GuideView
+from pyro_ebm.energy import GuideView, energy_view
+from pyro_ebm.guides import AmortizedBernoulli
 from pyro_ebm.infer import DSM, VaGES, vaes_score
 from pyro_ebm.infer.bism import lower_loss
-from pyro_ebm.infer.score_matching import energy_view
-from pyro_ebm.infer.vages import ksd_halves
-from pyro_ebm.metrics import fisher_divergence
+from pyro_ebm.infer.vages import fisher_divergence, ksd_halves
 from pyro_ebm.models import GaussianRBM
 
 D64 = torch.float64

@@ -196,7 +196,7 @@ def test_initial_dict_and_packed_tensor():
             "p": torch.full((4, 3), 1 / 3, dtype=DT)}
     samples = mcmc.sample(constrained, mcmc.ULA(1e-8), 4, 1, initial=init, progress=False)
     torch.testing.assert_close(samples.get_samples()["scale"][:, 0], init["scale"], atol=1e-3, rtol=0)
-    from pyro_ebm.infer.score_matching import energy_view
+    from pyro_ebm.energy import energy_view
 
     packed = energy_view(constrained).latent_potential().pack(init)
     again = mcmc.sample(constrained, mcmc.ULA(1e-8), 4, 1, initial=packed, progress=False)
@@ -284,7 +284,7 @@ def test_model_or_potential_fn_exactly_one():
     # a one-argument callable with a tensor initial is no longer taken for a potential
     with pytest.raises(TypeError, match="If <lambda> is a potential U\\(x\\).*pass it as potential_fn="):
         mcmc.sample(pot, kernel, 4, 2, initial=x0, progress=False)
-    from pyro_ebm.infer.score_matching import energy_view
+    from pyro_ebm.energy import energy_view
 
     latent = energy_view(constrained).latent_potential()
     with pytest.raises(TypeError, match="LatentPotential.*pass it as potential_fn="):
@@ -297,7 +297,7 @@ def test_latent_potential_as_potential_fn_matches_the_model():
     """A LatentPotential given as potential_fn carries its own unpacking: its draws
     come back by site, equal to the model's run from the same start and seed; its
     initial may be a dict by site or 'uniform' (but not missing)."""
-    from pyro_ebm.infer.score_matching import energy_view
+    from pyro_ebm.energy import energy_view
 
     init = {"scale": torch.full((4,), 2.0, dtype=DT), "h": torch.ones(4, 3, dtype=DT),
             "p": torch.full((4, 3), 1 / 3, dtype=DT)}

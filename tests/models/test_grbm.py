@@ -8,6 +8,7 @@ import torch
 from pyro_ebm.energy import EnergyView
 from pyro_ebm.infer import DSM
 from pyro_ebm.models import GaussianRBM
+from pyro_ebm.models.grbm import GibbsSampler
 
 F64 = torch.float64
 
@@ -114,6 +115,24 @@ def test_gibbs_sampler_matches_exact_moments():
     assert ((v.mean(0) - mean).abs() < 4 * se).all()
     sample_second = (v[:, :, None] * v[:, None, :]).mean(0)
     assert torch.allclose(sample_second, second, atol=0.15)
+
+
+def test_gibbs_sampler_is_the_kernel_form_of_gibbs_step():
+    """grbm.gibbs_sampler() runs the same sweeps as gibbs_step, as init / step -> (state, info)."""
+    g = make_grbm(visible_dim=3, hidden_dim=4, scale=1.0)
+    v = torch.randn(5, 3, dtype=F64)
+    torch.manual_seed(11)
+    expected = g.gibbs_step(g.gibbs_step(v))
+    sampler = g.gibbs_sampler()
+    assert isinstance(sampler, GibbsSampler) and sampler.marginal == g.marginal
+    torch.manual_seed(11)
+    state = sampler.init(v)
+    for _ in range(2):
+        state, info = sampler.step(state)
+    assert torch.equal(state.position, expected)
+    assert info.hidden.shape == (5, 4) and set(info.hidden.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match=r"visible units of shape \(chains, 3\), got \(5, 2\)"):
+        sampler.init(torch.randn(5, 2, dtype=F64))
 
 
 def test_hidden_probs_match_conditional_of_energy():
