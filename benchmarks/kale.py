@@ -69,10 +69,10 @@ def kale_split(repeats, batch=256):
     parts = {"5 critic updates, no penalty": [], "gradient penalty (extra)": [], "generator update": [],
              "whole iteration (step)": []}
     for _ in range(repeats):
-        t_pen = timed(lambda: [with_penalty._critic_update(data, k) for k in range(5)], device)
-        t_plain = timed(lambda: [without_penalty._critic_update(data, k) for k in range(5)], device)
-        t_gen = timed(lambda: with_penalty._generator_update(data), device)
+        t_pen = timed(lambda: [with_penalty.critic_step(data) for _ in range(5)], device)
+        t_plain = timed(lambda: [without_penalty.critic_step(data) for _ in range(5)], device)
         t_all = timed(lambda: with_penalty.step(data), device)
+        t_gen = t_all - t_pen  # the step is 5 critic updates and one generator update
         parts["5 critic updates, no penalty"].append(t_plain)
         parts["gradient penalty (extra)"].append(t_pen - t_plain)
         parts["generator update"].append(t_gen)
