@@ -56,7 +56,9 @@ class GuideView:
             raise TypeError(f"guide must be callable, got {type(guide).__name__}")
         self.guide = guide
         self.weights = None
-        self.view = EnergyView(self._call, role="guide")
+        # the Pyro path: fast weights swapped in by `using` are out of reach of a
+        # traced graph (the guide's own parameters would be looked up instead)
+        self.view = EnergyView(self._call, role="guide", traced=False)
         self.direct = isinstance(guide, torch.nn.Module) and callable(getattr(guide, "conditionals", None))
         self._conditionals = _Conditionals(guide) if self.direct else None
 

@@ -118,14 +118,21 @@ class LatentPotential:
         """Latent draws from the model's own sampling statements, packed to ``(C, dim)``."""
         total = self.structure.nesting + 1
         model = with_chain_plate(self.view.model, num_chains, -total)
-        with pyro.validation_enabled(False), torch.no_grad():
-            trace = trace_run(model, *self.args, **self.kwargs)
-        values = {}
-        for site in self.sites:
-            info = site.info
-            x = trace.nodes[info.name]["value"]
-            values[info.name] = x.expand((num_chains,) + (1,) * (total - 1 - info.batch_ndim) + info.shape
-                                         ).reshape((num_chains,) + info.shape)
+        try:
+            with pyro.validation_enabled(False), torch.no_grad():
+                trace = trace_run(model, *self.args, **self.kwargs)
+            values = {}
+            for site in self.sites:
+                info = site.info
+                x = trace.nodes[info.name]["value"]
+                values[info.name] = x.expand((num_chains,) + (1,) * (total - 1 - info.batch_ndim) + info.shape
+                                             ).reshape((num_chains,) + info.shape)
+        except (RuntimeError, ValueError, IndexError, TypeError) as err:
+            # a model written for one draw: run once per chain
+            from .traced import prior_draws
+
+            values = prior_draws(self.view.model, self.args, self.kwargs,
+                                 [site.info for site in self.sites], num_chains, err)
         return self.pack(values)
 
 

@@ -20,6 +20,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from . import traced as _traced
 from .density import DATA_PLATE, log_density, with_chain_plate
 from .potential import DataPotential, LatentPotential
 from .sites import is_factor, site_info
@@ -97,16 +98,25 @@ class EnergyView:
     :param bool weak: hold the model by a weak reference (for cached views).
     :param str role: what the callable is, for error messages (``"model"`` or
         ``"guide"``).
+    :param bool traced: run a traced pure function of (parameters, data, latent
+        values) made on the first call of each signature, falling back to the
+        Pyro path where the model cannot be traced (``True``), or always the Pyro
+        path (``False``); ``None`` (default): ``True`` unless the environment
+        variable ``PYRO_EBM_TRACE`` is ``0``. Settable later as ``view.traced``;
+        :meth:`path` says which path runs (see ``docs/energy.rst``, "The traced
+        path").
 
     >>> view = EnergyView(grbm)
     >>> s = view.score(v, values={"h": h})          # ∇_v log p̃(v, h), shape of v
     >>> lp = view.log_density(v, values={"h": h}, per_item=True)   # shape (len(v),)
     """
 
-    def __init__(self, model: Callable, weak: bool = False, role: str = "model"):
+    def __init__(self, model: Callable, weak: bool = False, role: str = "model", traced: bool | None = None):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         self.role = role
+        self.traced = _traced.default_traced() if traced is None else bool(traced)
+        self._fast = _traced.FastPath(self)
         if weak:  # a cached view must not keep its model (the cache's key) alive
             self._model_ref = weakref.WeakMethod(model) if inspect.ismethod(model) else weakref.ref(model)
         else:
@@ -229,6 +239,21 @@ class EnergyView:
         values = values or {}
         if per_item:
             self._check_per_item(st)
+        # the traced function, or _pyro_log_density; with num_chains, a chain plate
+        # or vmap over one draw (energy/traced.py)
+        return self._fast.log_density(st, args, kwargs, values, per_item, num_chains)
+
+    def path(self, *args, values=None, per_item=False, num_chains=None, **kwargs) -> _traced.Path:
+        """Which path :meth:`log_density` runs for these arguments: ``"traced"`` (the
+        traced pure function) or ``"pyro"`` (a Pyro run), a string with the
+        attributes ``chains`` (``"plate"`` or ``"vmap"`` for ``num_chains``) and
+        ``reason`` (why the Pyro path runs). Traces on first use, as
+        :meth:`log_density` does."""
+        st = self.structure(*args, **kwargs)
+        return self._fast.path(st, args, kwargs, values or {}, per_item, num_chains)
+
+    def _pyro_log_density(self, st, args, kwargs, values, per_item, num_chains):
+        """log p̃ by one Pyro run (the path that is traced, and the fallback)."""
         total = st.nesting + (1 if num_chains else 0)
         keep = []
         if num_chains:
