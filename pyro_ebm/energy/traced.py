@@ -2,15 +2,18 @@
 """The traced path of the energy view: a Pyro model turned, once per argument
 signature, into a plain torch function, and run afterwards with no Pyro message.
 
-For a view of the model ``model(v, *args)``, the first call of
-:meth:`~pyro_ebm.energy.EnergyView.log_density` with given
+For a view of the model ``model(v, *args)``, the second call of
+:meth:`~pyro_ebm.energy.EnergyView.log_density` with a given signature
 
 - shapes, dtypes and devices of every tensor argument and latent value,
 - values of the other (static) arguments (the structure's cache key),
 - ``per_item`` and ``num_chains``,
+- the default dtype, the model module's own numbers, strings and flags and
+  its submodules' training flags,
 
-runs the Pyro path once under ``torch.fx.experimental.proxy_tensor.make_fx``. The
-result is an aten-level ``torch.fx`` graph
+runs the Pyro path once under ``torch.fx.experimental.proxy_tensor.make_fx`` (the
+first call runs the Pyro path: a signature used once is not worth a trace;
+:meth:`~pyro_ebm.energy.EnergyView.path` traces at once). The result is an aten-level ``torch.fx`` graph
 
 .. math::
 
@@ -100,7 +103,8 @@ class Path(str):
     - ``chains``: for ``num_chains=C``, ``"plate"`` (one run under a chain plate) or
       ``"vmap"`` (the one-draw function vectorized with ``torch.func.vmap``);
       ``None`` otherwise;
-    - ``reason``: why the Pyro path runs (``None`` on the traced path).
+    - ``reason``: why the Pyro path runs, and with ``chains="vmap"`` why the chain
+      plate does not; ``None`` on the traced path with a chain plate or none.
     """
 
     chains: str | None
@@ -371,6 +375,15 @@ def _trace(view, st, args, kwargs, tensors, values, per_item, num_chains):
     """Trace one signature; an :class:`_Entry` with a graph, or with the reason it has none.
 
     Raises :class:`_PyroFailed` when the Pyro path raises on these inputs."""
+    try:
+        return _trace_signature(view, st, args, kwargs, tensors, values, per_item, num_chains)
+    except _PyroFailed:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever goes wrong here, the Pyro path still runs
+        return _Entry(st, f"tracing failed: {_first_line(err)}")
+
+
+def _trace_signature(view, st, args, kwargs, tensors, values, per_item, num_chains):
     from .validation import module_of  # the energy core imports this module
 
     entry = _Entry(st)
@@ -525,6 +538,7 @@ class FastPath:
         self.view = view
         self._entries = {}
         self._chains = {}  # chain signature -> ("plate" | "vmap", reason)
+        self._seen = set()  # signatures called once, on the Pyro path
         self._dicts = None  # the __dict__ of the model's module and its submodules (not the modules)
 
     # -- entry points (called by EnergyView) ----------------------------------
@@ -543,7 +557,7 @@ class FastPath:
             chains, reason = self._chain_mode(st, args, kwargs, values, per_item, num_chains)
             if chains == "vmap":
                 values, num_chains = {k: v[0] for k, v in values.items()}, None
-        prepared = self._prepare(st, args, kwargs, values, per_item, num_chains)
+        prepared = self._prepare(st, args, kwargs, values, per_item, num_chains, now=True)
         if prepared is not None:
             return Path("traced", chains, reason if chains == "vmap" else None)
         why = self._why_not(st, args, kwargs, values, per_item, num_chains)
@@ -571,9 +585,10 @@ class FastPath:
         own = tuple((k, v) for k, v in dicts[0].items() if type(v) in _PLAIN and k[:1] != "_")
         return own + tuple(d.get("training") for d in dicts[1:])
 
-    def _prepare(self, st, args, kwargs, values, per_item, num_chains):
+    def _prepare(self, st, args, kwargs, values, per_item, num_chains, now=False):
         """``(entry, inputs before, tensors, inputs after, emit)`` for the traced path,
-        or ``None`` for the Pyro path. Traces on the first call of a signature."""
+        or ``None`` for the Pyro path. Traces on the second call of a signature (a
+        signature used once is not worth a trace), or on the first with ``now``."""
         view = self.view
         if not view.traced:
             return None
@@ -583,6 +598,13 @@ class FastPath:
         tensors = _tensor_leaves(args, kwargs)
         key = self._key(st, tensors, values, per_item, num_chains)
         entry = self._entries.get(key)
+        if entry is None and torch.is_inference_mode_enabled():
+            return None  # no gradients to check the graph by: trace outside inference mode
+        if entry is None and not now and key not in self._seen:
+            if len(self._seen) >= 8 * MAX_SIGNATURES:
+                self._seen.clear()
+            self._seen.add(key)
+            return None
         for _ in range(2):
             if entry is None:
                 entry = self._build(key, st, args, kwargs, tensors, values, per_item, num_chains)
@@ -626,7 +648,11 @@ class FastPath:
             return f"Pyro handlers are active around the call ({names})"
         key = self._key(st, _tensor_leaves(args, kwargs), values, per_item, num_chains)
         entry = self._entries.get(key)
-        return entry.reason if entry is not None else "the Pyro path raised on these arguments"
+        if entry is not None:
+            return entry.reason
+        if torch.is_inference_mode_enabled():
+            return "inference mode: a signature is traced outside it"
+        return "the Pyro path raised on these arguments"
 
     def _run(self, prepared, st, args, kwargs, values, per_item, num_chains):
         if prepared is None:

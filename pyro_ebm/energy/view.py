@@ -99,7 +99,7 @@ class EnergyView:
     :param str role: what the callable is, for error messages (``"model"`` or
         ``"guide"``).
     :param bool traced: run a traced pure function of (parameters, data, latent
-        values) made on the first call of each signature, falling back to the
+        values) made on the second call of each signature, falling back to the
         Pyro path where the model cannot be traced (``True``), or always the Pyro
         path (``False``); ``None`` (default): ``True`` unless the environment
         variable ``PYRO_EBM_TRACE`` is ``0``. Settable later as ``view.traced``;
@@ -247,8 +247,9 @@ class EnergyView:
         """Which path :meth:`log_density` runs for these arguments: ``"traced"`` (the
         traced pure function) or ``"pyro"`` (a Pyro run), a string with the
         attributes ``chains`` (``"plate"`` or ``"vmap"`` for ``num_chains``) and
-        ``reason`` (why the Pyro path runs). Traces on first use, as
-        :meth:`log_density` does."""
+        ``reason`` (why the Pyro path runs, or why the chain plate does not).
+        Traces now for a signature not traced yet, so the answer holds for the
+        calls that follow."""
         st = self.structure(*args, **kwargs)
         return self._fast.path(st, args, kwargs, values or {}, per_item, num_chains)
 

@@ -32,6 +32,11 @@ with warnings.catch_warnings():
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 
 
+@pytest.fixture(autouse=True)
+def _tracing_on_by_default(monkeypatch):
+    monkeypatch.delenv("PYRO_EBM_TRACE", raising=False)
+
+
 # -- the models ------------------------------------------------------------------------------
 # Each case builds (model, args, values, per_item) in a dtype; the toy models repeat
 # those of tests/ and examples/ (named where they come from).
@@ -241,9 +246,9 @@ def test_traced_equals_pyro_path(name, dtype):
     args = tuple(a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a
                  for a in args)
     values = {k: x.detach().requires_grad_() for k, x in values.items()}
-    a = traced.log_density(*args, values=values, per_item=per_item)
-    path = traced.path(*args, values=values, per_item=per_item)
+    path = traced.path(*args, values=values, per_item=per_item)  # traces now
     assert path == "traced", path.reason
+    a = traced.log_density(*args, values=values, per_item=per_item)
     b = plain.log_density(*args, values=values, per_item=per_item)
     assert plain.path(*args, values=values, per_item=per_item) == "pyro"
     _assert_equal(a, b, tol, "value")
@@ -277,10 +282,10 @@ def test_chains_through_a_chain_plate_equal_pyro_path():
     v = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     h = torch.bernoulli(torch.full((7, 5, 4), 0.5, dtype=torch.float64))
     traced, plain = EnergyView(grbm, traced=True), EnergyView(grbm, traced=False)
-    a = traced.log_density(v, values={"h": h}, num_chains=7, per_item=True)
-    b = plain.log_density(v, values={"h": h}, num_chains=7, per_item=True)
     path = traced.path(v, values={"h": h}, num_chains=7, per_item=True)
     assert path == "traced" and path.chains == "plate"
+    a = traced.log_density(v, values={"h": h}, num_chains=7, per_item=True)
+    b = plain.log_density(v, values={"h": h}, num_chains=7, per_item=True)
     assert a.shape == (7, 5)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for x, y in zip(_grads(a.sum(), [v, grbm.W]), _grads(b.sum(), [v, grbm.W]), strict=True):
@@ -366,6 +371,21 @@ def test_a_captured_tensor_with_a_gradient_falls_back():
     assert path == "pyro" and "stale constant" in path.reason
 
 
+def test_inference_mode_runs_a_graph_traced_outside_it():
+    grbm = GaussianRBM(3, 2)
+    view, v = EnergyView(grbm.marginal), torch.randn(4, 3)
+    expected = EnergyView(grbm.marginal, traced=False).log_density(v)
+    with torch.inference_mode():  # no gradients to guard a new trace with: the Pyro path
+        torch.testing.assert_close(view.log_density(v), expected)
+        torch.testing.assert_close(view.log_density(v), expected)
+        path = view.path(v)
+        assert path == "pyro" and "inference mode" in path.reason
+    assert view.path(v) == "traced"
+    with torch.inference_mode():
+        assert view.path(v) == "traced"
+        torch.testing.assert_close(view.log_density(v), expected)
+
+
 def test_python_side_effects_run_once_at_tracing():
     calls = []
 
@@ -377,10 +397,11 @@ def test_python_side_effects_run_once_at_tracing():
     view = EnergyView(model)
     v = torch.randn(3, 2)
     view.log_density(v)
-    after_first = len(calls)
+    view.log_density(v)  # traced here
+    traced = len(calls)
     for _ in range(3):
         view.log_density(v)
-    assert view.path(v) == "traced" and len(calls) == after_first
+    assert view.path(v) == "traced" and len(calls) == traced
     plain = EnergyView(model, traced=False)
     plain.log_density(v)
     n = len(calls)
@@ -398,9 +419,9 @@ def test_randomness_inside_the_model_stays_random():
     traced.structure(v)  # the structure's own run draws too: done first for both views
     plain.structure(v)
     torch.manual_seed(3)
-    first = traced.log_density(v, per_item=True)  # traces (on a forked random stream), then runs
+    assert traced.path(v, per_item=True) == "traced"  # traces on a forked random stream
+    first = traced.log_density(v, per_item=True)
     second = traced.log_density(v, per_item=True)
-    assert traced.path(v, per_item=True) == "traced"
     assert not torch.allclose(first, second)  # a new draw on every call
     torch.manual_seed(3)  # the same random stream as the Pyro path's
     torch.testing.assert_close(plain.log_density(v, per_item=True), first)
@@ -422,12 +443,17 @@ def test_a_new_dtype_or_shape_traces_again(monkeypatch):
     traced, plain = EnergyView(gaussian_latent_model), EnergyView(gaussian_latent_model, traced=False)
     for dtype in (torch.float32, torch.float64, torch.float32):
         v, h = torch.randn(4, 2, dtype=dtype), torch.randn(4, 2, dtype=dtype)
+        assert traced.path(v, values={"h": h}, per_item=True) == "traced"
         out = traced.log_density(v, values={"h": h}, per_item=True)
-        assert out.dtype == dtype and traced.path(v, values={"h": h}, per_item=True) == "traced"
+        assert out.dtype == dtype
         torch.testing.assert_close(out, plain.log_density(v, values={"h": h}, per_item=True), rtol=0, atol=0)
     assert len(calls) == 2  # float32 and float64; the third call reuses the first trace
-    traced.log_density(torch.randn(5, 2), values={"h": torch.randn(5, 2)}, per_item=True)
-    traced.log_density(torch.randn(5, 2), values={"h": torch.randn(5, 2)})  # summed: another signature
+    v, h = torch.randn(5, 2), torch.randn(5, 2)
+    traced.log_density(v, values={"h": h}, per_item=True)
+    assert len(calls) == 2  # a signature called once runs on the Pyro path
+    traced.log_density(v, values={"h": h}, per_item=True)
+    traced.log_density(v, values={"h": h})  # summed: another signature
+    traced.log_density(v, values={"h": h})
     assert len(calls) == 4
 
 
@@ -437,17 +463,21 @@ def test_module_numbers_and_training_flags_are_part_of_the_signature():
     gebm = GEBM(MLP(2, 2, (8,)), torch.nn.Sequential(torch.nn.Dropout(0.5), MLP(2, 1, (8,))), latent_dim=2)
     traced, plain = EnergyView(gebm), EnergyView(gebm, traced=False)
     z = torch.randn(5, 2)
+
+    def lp():
+        assert traced.path(5, values={"z": z}) == "traced"  # traced now, if new
+        return traced.log_density(5, values={"z": z})
+
     gebm.eval()
-    first = traced.log_density(5, values={"z": z})
+    first = lp()
     gebm.temperature = 2.0
-    torch.testing.assert_close(traced.log_density(5, values={"z": z}), plain.log_density(5, values={"z": z}))
-    assert not torch.allclose(traced.log_density(5, values={"z": z}), first)
+    torch.testing.assert_close(lp(), plain.log_density(5, values={"z": z}))
+    assert not torch.allclose(lp(), first)
     gebm.train()  # dropout on: random again, as on the Pyro path
-    out = [traced.log_density(5, values={"z": z}) for _ in range(2)]
-    assert traced.path(5, values={"z": z}) == "traced" and not torch.allclose(*out)
+    assert not torch.allclose(lp(), lp())
     gebm.eval()
     gebm.temperature = 1.0
-    torch.testing.assert_close(traced.log_density(5, values={"z": z}), first)
+    torch.testing.assert_close(lp(), first)
     # tensors the model makes without a dtype follow the default dtype
     view, values = EnergyView(constrained_model(None)), {"scale": torch.ones(()), "h": torch.ones(3)}
     assert view.log_density(values=values).dtype == torch.float32
@@ -464,6 +494,7 @@ def test_parameters_are_read_live():
     grbm = GaussianRBM(3, 2)
     traced, plain = EnergyView(grbm.marginal), EnergyView(grbm.marginal, traced=False)
     v = torch.randn(5, 3)
+    assert traced.path(v) == "traced"
     opt = torch.optim.SGD(grbm.parameters(), lr=0.5)
     traced.log_density(v).backward()
     opt.step()
@@ -475,7 +506,7 @@ def test_parameters_are_read_live():
     assert traced.path(v) == "traced"
 
     view = EnergyView(param_model)
-    view.log_density(v)
+    assert view.path(v) == "traced"
     pyro.clear_param_store()
     torch.testing.assert_close(view.log_density(v), EnergyView(param_model, traced=False).log_density(v))
     with torch.no_grad():
