@@ -8,19 +8,10 @@ import warnings
 
 import torch
 
-from ..energy import check_finite, energy_view
+from ..energy import check_data, energy_view
 from .kernels import ULA, KernelInfo, KernelState, _column, _langevin_move, potential_and_grad
 
 __all__ = ["AmortizedLangevin"]
-
-
-def check_batch(name, x):
-    """Raise a ``ValueError`` unless ``x`` is a finite floating point tensor with a
-    leading batch (chain) dimension."""
-    if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() < 2:
-        got = f"shape {tuple(x.shape)} of dtype {x.dtype}" if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"{name} must be a floating point tensor of shape (batch, *event), got {got}")
-    check_finite(name, x)
 
 
 class _NoiselessULA(ULA):
@@ -119,7 +110,7 @@ class AmortizedLangevin:
             ``return_trajectory=True`` also every state ``(C, K + 1, *event)``
             (chain, step: the ArviZ layout), ``x0`` first.
         """
-        check_batch("initial points", x0)
+        check_data(x0, "initial points")
         state = self.kernel.init(x0.detach(), self.potential(*args, **kwargs))
         path = [state.position] if return_trajectory else None
         diverged = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device)
