@@ -17,6 +17,10 @@ what it returns:
   potentials) and :func:`energy_view`, the one cached view of a model;
 - :mod:`~pyro_ebm.energy.potential`: :class:`LatentPotential` over latent sites
   (its :class:`LatentSite` blocks) and :class:`DataPotential` over data items;
+- :mod:`~pyro_ebm.energy.traced` and :mod:`~pyro_ebm.energy.functional`: the
+  traced pure function of each signature, and that function with its
+  parameters passed in (:class:`PureDensity`, for ``torch.func`` and
+  ``torch.compile``);
 - :mod:`~pyro_ebm.energy.guide`: :class:`GuideView`, a guide as a sampler and a
   density over particles, with fast weights;
 - :mod:`~pyro_ebm.energy.density`: :func:`log_density` of one run of any Pyro
@@ -32,6 +36,7 @@ what it returns:
 """
 
 from .density import CHAIN_PLATE, DATA_PLATE, log_density
+from .functional import NotTraced, PureDensity
 from .guide import GuideView
 from .jacobian import exact_trace, hutchinson_trace
 from .params import collect_params, functional, trainable_parameters
@@ -68,6 +73,8 @@ __all__ = [
     "GuideView",
     "LatentPotential",
     "LatentSite",
+    "NotTraced",
+    "PureDensity",
     "SiteInfo",
     "check_data",
     "check_dtype",

@@ -563,6 +563,22 @@ class FastPath:
         why = self._why_not(st, args, kwargs, values, per_item, num_chains)
         return Path("pyro", chains, why if not reason else f"{why}; chains: {reason}")
 
+    def pure(self, st, args, kwargs, values, per_item, num_chains):
+        """``(entry, vmapped)`` of the signature, traced now; raises
+        :class:`~pyro_ebm.energy.functional.NotTraced` on the Pyro path."""
+        from .functional import NotTraced
+
+        vmapped = False
+        if num_chains:
+            mode, _ = self._chain_mode(st, args, kwargs, values, per_item, num_chains)
+            if mode == "vmap":
+                values, num_chains, vmapped = {k: v[0] for k, v in values.items()}, None, True
+        prepared = self._prepare(st, args, kwargs, values, per_item, num_chains, now=True)
+        if prepared is None:
+            raise NotTraced(f"the {self.view.role} runs on the Pyro path for these arguments: "
+                            f"{self._why_not(st, args, kwargs, values, per_item, num_chains)}")
+        return prepared[0], vmapped
+
     # -- one signature ----------------------------------------------------------
 
     def _key(self, st, tensors, values, per_item, num_chains):

@@ -253,6 +253,23 @@ class EnergyView:
         st = self.structure(*args, **kwargs)
         return self._fast.path(st, args, kwargs, values or {}, per_item, num_chains)
 
+    def pure(self, *args, values=None, per_item=False, num_chains=None, **kwargs):
+        """:meth:`log_density` for these arguments' signature as a plain function of
+        (parameters, tensor arguments, latent values): a
+        :class:`~pyro_ebm.energy.functional.PureDensity`, for ``torch.func`` and
+        ``torch.compile``. Traces now if need be.
+
+        :raises ~pyro_ebm.energy.functional.NotTraced: the signature runs on the
+            Pyro path (the message says why).
+        """
+        from .functional import PureDensity
+
+        st = self.structure(*args, **kwargs)
+        if per_item:
+            self._check_per_item(st)
+        entry, vmapped = self._fast.pure(st, args, kwargs, values or {}, per_item, num_chains)
+        return PureDensity(entry, len(_traced._tensor_leaves(args, kwargs)), vmapped=vmapped)
+
     def _pyro_log_density(self, st, args, kwargs, values, per_item, num_chains):
         """log p̃ by one Pyro run (the path that is traced, and the fallback)."""
         total = st.nesting + (1 if num_chains else 0)
