@@ -33,6 +33,7 @@ from pyro.optim.lr_scheduler import PyroLRScheduler
 from pyro.params.param_store import module_from_param_with_module_name, normalize_param_name, user_param_name
 
 from ..energy import DivergenceError, is_validation_error, module_of, nonfinite_entry
+from ..energy.compile import Compiled, compile_options
 
 __all__ = ["Level", "Trainer", "collect_parameters", "make_optimizer", "param_sites",
            "require_adam"]
@@ -433,7 +434,9 @@ class Trainer:
     #: what a divergence message advises
     advice = "lower the learning rate"
 
-    def __init__(self, levels):
+    def __init__(self, levels, compile=False):
+        self.compile_options = compile_options(compile)
+        self._compiled_steps = {}
         self._optim_attrs = dict(levels)
         self.levels = {}
         self.num_steps = 0
@@ -531,6 +534,20 @@ class Trainer:
             else:
                 pending[name] = level_state
         self._pending_state = pending or None
+
+    # -- compiled steps ----------------------------------------------------------------
+
+    def _compiled(self, key, build, what):
+        """The :class:`~pyro_ebm.energy.compile.Compiled` function under ``key`` (built
+        once by ``build()``, a pure function of tensors), for ``compile=`` trainers;
+        ``None`` with ``compile=False`` or after the compiler refused it (one
+        warning), so that the caller takes its eager path."""
+        if self.compile_options is None:
+            return None
+        found = self._compiled_steps.get(key)
+        if found is None:
+            found = self._compiled_steps[key] = Compiled(build(), self.compile_options, what)
+        return None if found.fell_back else found
 
     # -- the update path -----------------------------------------------------------
 
