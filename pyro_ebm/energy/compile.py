@@ -87,13 +87,13 @@ class Compiled:
     def __call__(self, *args):
         if self.fell_back:
             return self.fn(*args)
-        if self._compiled is None:
-            options = dict(self.options)
-            if "mode" not in options and "backend" not in options and _on_cuda(args):
-                options["mode"] = "reduce-overhead"  # CUDA graphs: one launch per step
-            self._graphs = options.get("mode") == "reduce-overhead"
-            self._compiled = torch.compile(self.fn, **options)
         try:
+            if self._compiled is None:
+                options = dict(self.options)
+                if "mode" not in options and "backend" not in options and _on_cuda(args):
+                    options["mode"] = "reduce-overhead"  # CUDA graphs: one launch per step
+                self._graphs = options.get("mode") == "reduce-overhead"
+                self._compiled = torch.compile(self.fn, **options)
             if self._graphs:
                 torch.compiler.cudagraph_mark_step_begin()
                 return _clone(self._compiled(*args))  # a graph's outputs are overwritten by its next run

@@ -12,11 +12,13 @@ estimated scores in there. The score is :math:`s(v) = \\nabla_v \\log \\tilde p(
 from __future__ import annotations
 
 import math
+import warnings
 
 import pyro
 import torch
 
 from ..energy import (
+    NotTraced,
     check_data,
     check_dtype,
     energy_view,
@@ -45,6 +47,25 @@ def noise_grid(batch_size, sigma_min, sigma_max, like):
     return sig.reshape((batch_size,) + (1,) * (like.dim() - 1))
 
 
+def _pure_score(log_density):
+    """``x -> ∇_x Σ_n log p̃(x_n)`` with ``torch.func.grad`` (the items are independent)."""
+    return torch.func.grad(lambda x: log_density(x).sum())
+
+
+def _rademacher(v, num_projections):
+    """Rademacher vectors shaped like ``v``, drawn as :func:`~pyro_ebm.energy.hutchinson_trace` draws them."""
+    return tuple(torch.randint_like(v, 2) * 2 - 1 for _ in range(num_projections))
+
+
+def _pure_hutchinson(vjp, noise):
+    """:func:`~pyro_ebm.energy.hutchinson_trace` with a ``torch.func.vjp`` of the score."""
+    total = 0.0
+    for u in noise:
+        (g,) = vjp(u)
+        total = total + _flat(g * u).sum(-1)
+    return total / len(noise)
+
+
 class ScoreObjective:
     """Base class: a score-matching objective over the score of a model.
 
@@ -67,6 +88,20 @@ class ScoreObjective:
     def perturb(self, v):
         """The data the objective evaluates scores at (noised for DSM / MDSM)."""
         return v
+
+    def draw_noise(self, v):
+        """The random numbers one evaluation of :meth:`per_item` on ``v`` draws, drawn
+        here, from the same stream and in the same order, as a tuple of tensors
+        (for :meth:`pure_per_item`)."""
+        return ()
+
+    def pure_per_item(self, log_density, v, noise):
+        """:meth:`per_item` written with ``torch.func`` for a pure ``log_density(x) ->
+        (N,)`` (e.g. built on :meth:`~pyro_ebm.energy.EnergyView.pure`), with the
+        random numbers ``noise`` of :meth:`draw_noise`: the same value, and
+        differentiable in ``log_density``'s parameters by ``torch.func.grad``
+        (and compilable, which a double backward is not)."""
+        raise NotImplementedError(f"{type(self).__name__} has no torch.func form")
 
     def __call__(self, model, guide, *args, **kwargs):
         if not args:
@@ -148,6 +183,23 @@ class ExactSM(ScoreObjective):
             trace = hutchinson_trace(s, x, self.num_projections)
         return 0.5 * _flat(s).pow(2).sum(-1) + trace
 
+    def draw_noise(self, v):
+        if _flat(v).shape[1] <= self.max_exact_dim:
+            return ()
+        return _rademacher(v, self.num_projections)
+
+    def pure_per_item(self, log_density, v, noise):
+        s, vjp = torch.func.vjp(_pure_score(log_density), v)
+        if noise:
+            trace = _pure_hutchinson(vjp, noise)
+        else:  # one vector-Jacobian product per coordinate, vectorized
+            dim = _flat(v).shape[1]
+            basis = torch.eye(dim, dtype=v.dtype, device=v.device)
+            basis = basis.unsqueeze(1).expand(dim, v.shape[0], dim).reshape((dim,) + tuple(v.shape))
+            (rows,) = torch.func.vmap(vjp)(basis)  # rows[d] = e_d^T ∇s, shape (D, *v.shape)
+            trace = torch.diagonal(rows.reshape(dim, v.shape[0], dim), dim1=0, dim2=2).sum(-1)
+        return 0.5 * _flat(s).pow(2).sum(-1) + trace
+
 
 class SSM(ScoreObjective):
     """Sliced score matching.
@@ -175,6 +227,13 @@ class SSM(ScoreObjective):
         x = v.detach().requires_grad_(True)
         s = score_fn(x)
         return 0.5 * _flat(s).pow(2).sum(-1) + hutchinson_trace(s, x, self.num_projections)
+
+    def draw_noise(self, v):
+        return _rademacher(v, self.num_projections)
+
+    def pure_per_item(self, log_density, v, noise):
+        s, vjp = torch.func.vjp(_pure_score(log_density), v)
+        return 0.5 * _flat(s).pow(2).sum(-1) + _pure_hutchinson(vjp, noise)
 
 
 class DSM(ScoreObjective):
@@ -210,6 +269,14 @@ class DSM(ScoreObjective):
         eps = torch.randn_like(v)
         x = self.perturb(v.detach(), eps).requires_grad_(True)
         s = score_fn(x)
+        return 0.5 * _flat(s + eps / self.noise_scale).pow(2).sum(-1)
+
+    def draw_noise(self, v):
+        return (torch.randn_like(v),)
+
+    def pure_per_item(self, log_density, v, noise):
+        (eps,) = noise
+        s = _pure_score(log_density)(self.perturb(v, eps))
         return 0.5 * _flat(s + eps / self.noise_scale).pow(2).sum(-1)
 
 
@@ -257,6 +324,14 @@ class MDSM(ScoreObjective):
         s = score_fn(x)
         return 0.5 * _flat(s / self.sigmas(v) + eps / self.sigma0**2).pow(2).sum(-1)
 
+    def draw_noise(self, v):
+        return (torch.randn_like(v),)
+
+    def pure_per_item(self, log_density, v, noise):
+        (eps,) = noise
+        s = _pure_score(log_density)(self.perturb(v, eps))
+        return 0.5 * _flat(s / self.sigmas(v) + eps / self.sigma0**2).pow(2).sum(-1)
+
 
 class ScoreMatching(Trainer):
     r"""Score matching of an energy-based model with no latent sites: the fast
@@ -281,6 +356,16 @@ class ScoreMatching(Trainer):
         sites, e.g. ``GaussianRBM.marginal``.
     :param pyro.optim.PyroOptim optim: optimizer of the model's parameters.
     :param ScoreObjective objective: ``DSM(0.1)`` (default), ``MDSM()``, ``SSM()`` or ``ExactSM()``.
+    :param compile: ``True`` (or a dict of ``torch.compile`` arguments) runs the
+        loss and its gradient in the parameters as one compiled pure function:
+        the model's traced log density with explicit parameters
+        (:meth:`~pyro_ebm.energy.EnergyView.pure`), the score by
+        ``torch.func.grad``, the objective's :meth:`~ScoreObjective.pure_per_item`
+        and ``torch.func.grad_and_value`` in the parameters; the random numbers
+        are drawn eagerly as the eager step draws them, so a compiled and an eager
+        trainer give the same numbers from the same seed (to rounding). A model
+        that runs on the Pyro path, or a step the compiler refuses, trains
+        eagerly after one warning. The first step compiles (seconds on a CPU).
 
     >>> grbm = GaussianRBM(visible_dim=64, hidden_dim=16)
     >>> sm = ScoreMatching(grbm.marginal, pyro.optim.Adam({"lr": 1e-3}), objective=DSM(0.1))
@@ -293,7 +378,7 @@ class ScoreMatching(Trainer):
 
     algorithm = "ScoreMatching"
 
-    def __init__(self, model, optim, objective=None):
+    def __init__(self, model, optim, objective=None, compile=False):
         if not callable(model):
             raise TypeError(f"model must be a Pyro model (a callable), got {type(model).__name__}")
         objective = DSM(0.1) if objective is None else objective
@@ -307,7 +392,7 @@ class ScoreMatching(Trainer):
                             f"got {type(optim).__name__}")
         self.model, self.optim, self.objective = model, optim, objective
         self.view = energy_view(model)
-        super().__init__({"model": "optim"})
+        super().__init__({"model": "optim"}, compile=compile)
 
     def _validate(self, args, kwargs, where):
         v, rest = args[0], args[1:]
@@ -338,10 +423,65 @@ class ScoreMatching(Trainer):
         return self.objective.per_item(score_fn, v).mean()
 
     def _step(self, args, kwargs):
+        if self.compile_options is not None:
+            done = self._compiled_step(args, kwargs)
+            if done is not None:
+                return done
         loss = self._loss(args, kwargs)
         self._watch("model", "the loss", loss)
         self._minimize("model", loss)
         return {"loss": loss}
+
+    def _compiled_step(self, args, kwargs):
+        """The step through the compiled pure loss-and-gradient; ``None`` when the
+        model has no pure density for this signature (one warning), for the
+        eager step to run."""
+        v, rest = args[0], args[1:]
+        try:
+            pure = self.view.pure(v, *rest, per_item=True, **kwargs)
+            params = pure.parameters()
+        except NotTraced as err:
+            if "pure" not in self._compiled_steps:
+                self._compiled_steps["pure"] = None
+                warnings.warn(f"{self.algorithm}(compile=True): {err}; the step runs eagerly",
+                              UserWarning, stacklevel=4)
+            return None
+        level = self.levels["model"]
+        position = {id(p): i for i, p in enumerate(params)}
+        trainable = tuple(position.get(id(p)) for p in level.params)
+        key = (id(pure._entry), trainable)
+        objective = self.objective
+
+        def build():
+            where = [i for i in trainable if i is not None]
+
+            def loss_and_grads(theta, others, v, rest, kwargs, noise):
+                def loss(theta):
+                    full = list(others)
+                    for i, t in zip(where, theta, strict=True):
+                        full[i] = t
+
+                    def log_density(x):
+                        return pure(full, x, *rest, **kwargs)
+
+                    return objective.pure_per_item(log_density, v, noise).mean()
+
+                grads, value = torch.func.grad_and_value(loss)(theta)
+                return value, grads
+
+            return loss_and_grads
+
+        step = self._compiled(key, build, f"the {type(objective).__name__} step of {self.algorithm}")
+        if step is None:
+            return None
+        detached = [p.detach() for p in params]
+        theta = [detached[i] for i in trainable if i is not None]
+        noise = objective.draw_noise(v)
+        value, grads = step(theta, detached, v.detach(), rest, kwargs, noise)
+        grads = iter(grads)
+        self._watch("model", "the loss", value)
+        self._apply("model", [None if i is None else next(grads) for i in trainable])
+        return {"loss": value}
 
     def _losses(self, args, kwargs):
         with torch.enable_grad():  # the score is a gradient in the data

@@ -1,0 +1,133 @@
+# SPDX-License-Identifier: Apache-2.0
+"""ScoreMatching(compile=...): the torch.func form of every objective, compiled,
+gives the eager trainer's numbers from the same seed; what cannot be compiled
+trains eagerly after one warning."""
+
+import warnings
+
+import pyro
+import pytest
+import torch
+from torch.distributions import constraints
+
+from pyro_ebm.energy import DivergenceError
+from pyro_ebm.infer import DSM, MDSM, SSM, ExactSM, ScoreMatching
+from pyro_ebm.models import GaussianRBM
+
+FAST = {"backend": "aot_eager"}  # the torch.func step through dynamo and AOT autograd, no code generation
+
+
+@pytest.fixture(autouse=True)
+def clean_store(monkeypatch):
+    monkeypatch.delenv("PYRO_EBM_TRACE", raising=False)
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+def _train(make_model, objective, compile, steps=3, dtype=torch.float64, lr=1e-2):
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model, params = make_model(dtype)
+    trainer = ScoreMatching(model, pyro.optim.Adam({"lr": lr}), objective=objective, compile=compile)
+    v = torch.randn(12, 5, dtype=dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses = [trainer.step(v) for _ in range(steps)]
+    ours = [w for w in caught if "runs eagerly" in str(w.message)]
+    return losses, [p.detach().clone() for p in params()], ours, trainer
+
+
+def grbm(dtype):
+    g = GaussianRBM(5, 3).to(dtype)
+    return g.marginal, lambda: list(g.parameters())
+
+
+def param_store_model(dtype):
+    def model(v):
+        mu = pyro.param("mu", torch.zeros(5, dtype=dtype))
+        scale = pyro.param("scale", torch.ones((), dtype=dtype), constraint=constraints.positive)
+        with pyro.plate("data", v.shape[0]):
+            pyro.factor("energy", -0.5 * ((v - mu) / scale).pow(2).sum(-1) - 0.1 * (v - mu).pow(4).sum(-1))
+
+    store = pyro.get_param_store()
+    return model, lambda: [store["mu"], store["scale"]]
+
+
+@pytest.mark.parametrize("objective", [DSM(0.1), MDSM(), SSM(2), ExactSM(), ExactSM(max_exact_dim=2)],
+                         ids=["DSM", "MDSM", "SSM", "ExactSM", "ExactSM-Hutchinson"])
+@pytest.mark.parametrize("make_model", [grbm, param_store_model], ids=["grbm", "pyro.param"])
+def test_compiled_equals_eager(make_model, objective):
+    eager_losses, eager_params, _, _ = _train(make_model, objective, False)
+    losses, params, warned, trainer = _train(make_model, objective, FAST)
+    assert not warned
+    assert any(c is not None and not c.fell_back for c in trainer._compiled_steps.values())
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=1e-10, atol=1e-10)
+    for a, b in zip(params, eager_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert losses[0] != losses[-1]  # the parameters moved
+
+
+def test_inductor_compiled_equals_eager():
+    """The default backend (code generation) on float32: the same numbers to rounding."""
+    eager_losses, eager_params, _, _ = _train(grbm, DSM(0.1), False, dtype=torch.float32)
+    losses, params, warned, _ = _train(grbm, DSM(0.1), True, dtype=torch.float32)
+    assert not warned
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-5)
+    for a, b in zip(params, eager_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def untraceable(dtype):
+    mu = torch.zeros(5, dtype=dtype, requires_grad=True)
+
+    def model(v):
+        p = pyro.param("mu_u", mu)
+        with pyro.plate("data", v.shape[0]):
+            e = 0.5 * (v - p).pow(2).sum(-1)
+            if e.sum() > 0:  # control flow on a value: no traced graph
+                pyro.factor("energy", -e)
+
+    return model, lambda: [pyro.get_param_store()["mu_u"]]
+
+
+def test_a_model_without_a_pure_density_trains_eagerly_after_one_warning():
+    eager_losses, eager_params, _, _ = _train(untraceable, DSM(0.1), False)
+    losses, params, warned, _ = _train(untraceable, DSM(0.1), FAST)
+    assert len(warned) == 1 and "reads a tensor's value" in str(warned[0].message)
+    assert losses == eager_losses
+    torch.testing.assert_close(params[0], eager_params[0], rtol=0, atol=0)
+
+
+def test_a_step_the_compiler_refuses_trains_eagerly_after_one_warning():
+    eager_losses, eager_params, _, _ = _train(grbm, DSM(0.1), False)
+    losses, params, warned, _ = _train(grbm, DSM(0.1), {"backend": "no_such_backend"})
+    assert len(warned) == 1 and "could not be compiled" in str(warned[0].message)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=1e-10, atol=1e-10)
+    for a, b in zip(params, eager_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_compile_argument():
+    g = GaussianRBM(2, 2)
+    with pytest.raises(TypeError, match="not torch.compile arguments"):
+        ScoreMatching(g.marginal, pyro.optim.Adam({"lr": 1e-3}), compile={"nonsense": 1})
+    with pytest.raises(TypeError, match="compile must be True, False or a dict"):
+        ScoreMatching(g.marginal, pyro.optim.Adam({"lr": 1e-3}), compile="yes")
+
+
+def test_compiled_divergence_restores_the_parameters():
+    """A huge learning rate overflows the energy: the compiled step raises
+    DivergenceError naming the step and leaves the parameters as before it."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    g = GaussianRBM(5, 3)
+    trainer = ScoreMatching(g.marginal, pyro.optim.Adam({"lr": 1e30}), objective=DSM(0.1), compile=FAST)
+    v = torch.randn(12, 5)
+    with pytest.raises(DivergenceError) as info:
+        for _ in range(5):
+            before = [p.detach().clone() for p in g.parameters()]
+            trainer.step(v)
+    assert f"step {info.value.step}" in str(info.value) and info.value.level == "model"
+    for a, b in zip(g.parameters(), before, strict=True):
+        assert torch.equal(a.detach(), b)
