@@ -12,13 +12,11 @@ estimated scores in there. The score is :math:`s(v) = \\nabla_v \\log \\tilde p(
 from __future__ import annotations
 
 import math
-import warnings
 
 import pyro
 import torch
 
 from ..energy import (
-    NotTraced,
     check_data,
     check_dtype,
     energy_view,
@@ -434,54 +432,24 @@ class ScoreMatching(Trainer):
 
     def _compiled_step(self, args, kwargs):
         """The step through the compiled pure loss-and-gradient; ``None`` when the
-        model has no pure density for this signature (one warning), for the
-        eager step to run."""
+        model has no pure density for this signature (one warning) or the
+        compiler refused the step, for the eager step to run."""
         v, rest = args[0], args[1:]
-        try:
-            pure = self.view.pure(v, *rest, per_item=True, **kwargs)
-            params = pure.parameters()
-        except NotTraced as err:
-            if "pure" not in self._compiled_steps:
-                self._compiled_steps["pure"] = None
-                warnings.warn(f"{self.algorithm}(compile=True): {err}; the step runs eagerly",
-                              UserWarning, stacklevel=4)
+        pure = self._pure(self.view, v, *rest, per_item=True, **kwargs)
+        if pure is None:
             return None
-        level = self.levels["model"]
-        position = {id(p): i for i, p in enumerate(params)}
-        trainable = tuple(position.get(id(p)) for p in level.params)
-        key = (id(pure._entry), trainable)
         objective = self.objective
 
-        def build():
-            where = [i for i in trainable if i is not None]
+        def loss_fn(fns, v, rest, kwargs, noise):
+            def log_density(x):
+                return fns[0](x, *rest, **kwargs)
 
-            def loss_and_grads(theta, others, v, rest, kwargs, noise):
-                def loss(theta):
-                    full = list(others)
-                    for i, t in zip(where, theta, strict=True):
-                        full[i] = t
+            return objective.pure_per_item(log_density, v, noise).mean(), {}
 
-                    def log_density(x):
-                        return pure(full, x, *rest, **kwargs)
-
-                    return objective.pure_per_item(log_density, v, noise).mean()
-
-                grads, value = torch.func.grad_and_value(loss)(theta)
-                return value, grads
-
-            return loss_and_grads
-
-        step = self._compiled(key, build, f"the {type(objective).__name__} step of {self.algorithm}")
-        if step is None:
-            return None
-        detached = [p.detach() for p in params]
-        theta = [detached[i] for i in trainable if i is not None]
-        noise = objective.draw_noise(v)
-        value, grads = step(theta, detached, v.detach(), rest, kwargs, noise)
-        grads = iter(grads)
-        self._watch("model", "the loss", value)
-        self._apply("model", [None if i is None else next(grads) for i in trainable])
-        return {"loss": value}
+        done = self._compiled_minimize("model", "loss", [pure], loss_fn,
+                                       lambda: (v.detach(), rest, kwargs, objective.draw_noise(v)),
+                                       f"the {type(objective).__name__} step of {self.algorithm}")
+        return None if done is None else {"loss": done[0]}
 
     def _losses(self, args, kwargs):
         with torch.enable_grad():  # the score is a gradient in the data

@@ -22,8 +22,10 @@ parameter and optimizer state as it was before the step.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import warnings
 
 import pyro
 import torch
@@ -32,7 +34,7 @@ from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 from pyro.params.param_store import module_from_param_with_module_name, normalize_param_name, user_param_name
 
-from ..energy import DivergenceError, is_validation_error, module_of, nonfinite_entry
+from ..energy import DivergenceError, NotTraced, is_validation_error, module_of, nonfinite_entry
 from ..energy.compile import Compiled, compile_options
 
 __all__ = ["Level", "Trainer", "collect_parameters", "make_optimizer", "param_sites",
@@ -548,6 +550,77 @@ class Trainer:
         if found is None:
             found = self._compiled_steps[key] = Compiled(build(), self.compile_options, what)
         return None if found.fell_back else found
+
+    def _pure(self, view, *args, **kwargs):
+        """``view.pure(*args, **kwargs)`` (a :class:`~pyro_ebm.energy.PureDensity`), or
+        ``None`` with one warning (per trainer) when the signature runs on the
+        Pyro path, so that a ``compile=`` trainer takes its eager step."""
+        try:
+            return view.pure(*args, **kwargs)
+        except NotTraced as err:
+            if not self._compiled_steps.get("not traced"):
+                self._compiled_steps["not traced"] = True
+                warnings.warn(f"{self.algorithm}(compile=...): {err}; the step runs eagerly", UserWarning,
+                              stacklevel=4)
+            return None
+
+    def _compiled_minimize(self, level, key, densities, loss_fn, tensors, what, label=None, where=None):
+        """One update of ``level`` along the gradient of a loss of pure log densities,
+        computed by one compiled function; ``None`` (nothing done) when compiling
+        is off or was refused, for the caller's eager update.
+
+        :param list densities: :class:`~pyro_ebm.energy.PureDensity` objects.
+        :param callable loss_fn: ``loss_fn(fns, *tensors) -> (loss, aux)`` where
+            ``fns[i](*args, values=None, **kwargs)`` is ``densities[i]`` at the
+            level's parameters being differentiated (the other inputs of the
+            densities held fixed); ``aux`` is a dict of tensors (no gradient).
+        :param tensors: its tensor inputs, a tuple or a function returning one,
+            called only when the compiled function runs (draw the step's random
+            numbers there, as the eager step draws them, so that compiled and
+            eager steps agree and a refused compile draws nothing extra).
+        :param str label: the loss in a divergence message (``"the loss"``).
+        :returns: ``(loss, aux)``, with the update applied and the loss watched.
+        """
+        if self.compile_options is None or any(d is None for d in densities):
+            return None
+        params = [d.parameters() for d in densities]
+        trainable = {id(p): i for i, p in enumerate(self.levels[level].params)}
+        slots = tuple(tuple((j, trainable[id(p)]) for j, p in enumerate(ps) if id(p) in trainable)
+                      for ps in params)
+        used = sorted({i for slot in slots for _, i in slot})
+        key = (key, tuple(id(d._entry) for d in densities), slots)
+
+        def build():
+            order = {i: k for k, i in enumerate(used)}
+
+            def fn(theta, consts, tensors):
+                def loss(theta):
+                    fns = []
+                    for d, ps, slot in zip(densities, consts, slots, strict=True):
+                        full = list(ps)
+                        for j, i in slot:
+                            full[j] = theta[order[i]]
+                        fns.append(functools.partial(d, full))
+                    return loss_fn(fns, *tensors)
+
+                grads, (value, aux) = torch.func.grad_and_value(loss, has_aux=True)(theta)
+                return value, aux, grads
+
+            return fn
+
+        step = self._compiled(key, build, what)
+        if step is None:
+            return None
+        lv = self.levels[level]
+        theta = [lv.params[i].detach() for i in used]
+        consts = [[p.detach() for p in ps] for ps in params]
+        value, aux, grads = step(theta, consts, tuple(tensors() if callable(tensors) else tensors))
+        self._watch(level, label or "the loss", value, where)
+        full = [None] * len(lv.params)
+        for i, g in zip(used, grads, strict=True):
+            full[i] = g
+        self._apply(level, full, where)
+        return value, aux
 
     # -- the update path -----------------------------------------------------------
 
