@@ -217,3 +217,32 @@ def test_errors():
     with pytest.raises(ValueError, match=r"diverged at step \d: (parameter|Gibbs)"):
         for _ in range(3):
             huge.step(v * 100)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["CD", "PCD"])
+@pytest.mark.parametrize("sampler", [None, ULA(0.01)], ids=["gibbs", "ula"])
+def test_compiled_loss_equals_eager(persistent, sampler):
+    """compile=: the loss and its gradient as one compiled pure function give the
+    eager trainer's losses and parameters from the same seed (PCD with chains of
+    another size than the batch: two signatures)."""
+    import warnings
+
+    results = []
+    for compile in (False, {"backend": "aot_eager"}):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        g = GaussianRBM(4, 3).double()
+        cd = ContrastiveDivergence(g, pyro.optim.Adam({"lr": 1e-2}), k=2, sampler=sampler,
+                                   persistent=persistent, num_chains=7 if persistent else None,
+                                   compile=compile)
+        v = torch.randn(10, 4, dtype=torch.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no fallback
+            losses = [cd.step(v) for _ in range(3)]
+        if compile:
+            assert [c for c in cd._compiled_steps.values() if c is not None and not c.fell_back]
+        results.append((losses, [p.detach().clone() for p in g.parameters()]))
+    (eager, eager_params), (compiled, compiled_params) = results
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-10, atol=1e-12)
+    for a, b in zip(compiled_params, eager_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
