@@ -140,7 +140,11 @@ class EnergyView:
         )
         found = self._structures.get(key)
         if found is None:
-            found = self._structures[key] = self._trace_structure(args, kwargs)
+            # the tracing run draws the latent sites: leave the caller's random stream as it was
+            # (a resumed run must draw what the uninterrupted run drew)
+            devices = [a.device for a in args if torch.is_tensor(a) and a.device.type == "cuda"][:1]
+            with torch.random.fork_rng(devices=devices):
+                found = self._structures[key] = self._trace_structure(args, kwargs)
         return found
 
     def _trace_structure(self, args, kwargs) -> _Structure:

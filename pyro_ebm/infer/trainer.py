@@ -81,6 +81,40 @@ def param_sites(run):
     return out
 
 
+def _store_key(display):
+    """The param store's own key of a parameter shown as ``display``."""
+    store = pyro.get_param_store()
+    if display in store._params:
+        return display
+    return next((k for k in store._params if _display(k) == display), None)
+
+
+def _adopt_store(own, sites):
+    """``sites`` without the param-store entries that stand for a module's own
+    parameter under its name but are another tensor (Pyro's idiom of
+    ``get_param_store().load(path)`` into a fresh module): the module's
+    parameter takes the store's value and the store points at the module's
+    parameter again, so the loaded values are trained rather than two copies."""
+    mine = dict(own)
+    out = []
+    for name, tensor in sites:
+        p = mine.get(name)
+        if p is None or p is tensor:
+            out.append((name, tensor))
+            continue
+        if p.shape != tensor.shape:
+            raise ValueError(f"Pyro's param store holds '{name}' of shape {tuple(tensor.shape)}, but the "
+                             f"module's parameter has shape {tuple(p.shape)}; load a saved trainer with "
+                             "trainer.load_state_dict(torch.load(path)) instead")
+        with torch.no_grad():
+            p.copy_(tensor)
+        key = _store_key(name)
+        if key is not None:
+            pyro.get_param_store()._params[key] = p
+            pyro.get_param_store()._param_to_name[p] = key
+    return out
+
+
 def _unique(named, exclude=()):
     seen = {id(t) for t in exclude}
     out = []
@@ -114,10 +148,10 @@ def collect_parameters(sources):
         named = []
         for fn, run in items:
             module = module_of(fn)
-            if module is not None and len(owners[id(module)]) == 1:
-                named += module_parameters(module)
+            own = module_parameters(module) if module is not None and len(owners[id(module)]) == 1 else []
+            named += own
             if run is not None:
-                named += param_sites(run)
+                named += _adopt_store(own, param_sites(run))
         out[part] = _unique(named)
     return out
 
@@ -225,7 +259,20 @@ class Level:
         self.params = [p for _, p in named]
         self.pyro_optim = None
         self._groups, self._fused_check = None, True
+        store = pyro.get_param_store()
+        self._store_keys = [(i, store.param_name(p)) for i, p in enumerate(self.params)
+                            if store.param_name(p) is not None]
         self.build(optim)
+
+    def adopt_store(self):
+        """Take the values Pyro's param store holds for this level's parameters when
+        they are other tensors (``get_param_store().load(path)`` after the level
+        was built), and point the store at the level's parameters again."""
+        params = pyro.get_param_store()._params
+        for i, key in self._store_keys:
+            found, p = params.get(key), self.params[i]
+            if found is not None and found is not p:
+                _adopt_store([(self.names[i], p)], [(self.names[i], found)])
 
     def build(self, optim):
         """(Re)build the optimizer from ``optim`` (fresh state, as a new ``pyro.optim``
@@ -334,6 +381,33 @@ class Level:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
+
+
+#: the ``"format"`` entry of a trainer's state_dict
+STATE_FORMAT = "pyro_ebm.trainer/1"
+
+
+def _rng_state():
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class _Snapshot:
@@ -504,7 +578,7 @@ class Trainer:
         """Every named loss on the batch ``args[0]`` at the current parameters, as
         floats; nothing is updated."""
         self._require_data(args, "evaluate_loss")
-        self._validate(args, kwargs, "evaluate_loss")
+        self._validate_keeping_rng(args, kwargs, "evaluate_loss")
         named = self._losses(args, kwargs)
         keys = [k for k, v in named.items() if torch.is_tensor(v)]
         values = _to_host([named[k] for k in keys])
@@ -517,25 +591,72 @@ class Trainer:
         return self.evaluate_losses(*args, **kwargs)[self.main_loss]
 
     def state_dict(self) -> dict:
-        """The trainer's own state: ``num_steps`` and each level's optimizer (and
-        scheduler) state. Parameters belong to the models (their ``state_dict``
-        or Pyro's param store)."""
-        levels = {name: level.state_dict() for name, level in self.levels.items()}
+        """Everything needed to continue training exactly, in PyTorch's sense:
+
+        - ``"levels"``: per level, its parameters by name (copies of the tensors
+          the optimizer updates: module parameters, and ``pyro.param`` sites
+          unconstrained), its optimizer's state (the moments the unrolled steps
+          replay included) and its scheduler's;
+        - ``"num_steps"`` and the trainer's own state (``"extra"``: e.g. CD's
+          persistent chains; KALE's :math:`c` is a parameter of its critic level);
+        - ``"rng"``: the torch (CPU and initialized CUDA devices), Python and
+          numpy random states, so that a loaded trainer draws what the saved one
+          would have drawn next.
+
+        ``torch.save(trainer.state_dict(), path)`` writes it; a freshly built
+        trainer of the same kind continues with
+        ``trainer.load_state_dict(torch.load(path, weights_only=False))``. Before
+        the first step no level exists yet and the state holds no parameters.
+        """
+        levels = {}
+        for name, level in self.levels.items():
+            levels[name] = {"params": {n: p.detach().clone() for n, p in zip(level.names, level.params,
+                                                                              strict=True)},
+                            **level.state_dict()}
         if self._pending_state:
             levels = {**self._pending_state, **levels}
-        return {"num_steps": self.num_steps, "levels": levels}
+        return {"format": STATE_FORMAT, "algorithm": self.algorithm, "num_steps": self.num_steps,
+                "levels": levels, "extra": self._save_extra(), "rng": _rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`'s output; optimizer states of levels not built
-        yet are loaded at the first step."""
+        """Restore :meth:`state_dict`'s output: the step count, the trainer's own
+        state and the random states at once; parameters and optimizer states at
+        once for levels that exist, else at the first step (when the levels are
+        collected). Raises a ``ValueError`` for a state of another trainer or
+        format, or parameters whose names or shapes do not fit."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{self.algorithm}.load_state_dict needs the output of a trainer's state_dict() "
+                             f"(format '{STATE_FORMAT}'), got {found!r}")
+        if state.get("algorithm") != self.algorithm:
+            raise ValueError(f"the state comes from {state.get('algorithm')}, not {self.algorithm}")
         self.num_steps = int(state["num_steps"])
         pending = {}
         for name, level_state in state.get("levels", {}).items():
             if name in self.levels:
-                self.levels[name].load_state_dict(level_state)
+                self._load_level(self.levels[name], level_state)
             else:
                 pending[name] = level_state
         self._pending_state = pending or None
+        self._load_extra(state.get("extra"))
+        if state.get("rng") is not None:
+            _set_rng_state(state["rng"])
+
+    def _load_level(self, level, state):
+        saved = state.get("params")
+        if saved is not None:
+            if list(saved) != level.names:
+                raise ValueError(f"the saved {level.name} level has parameters {list(saved)}, but this "
+                                 f"trainer's has {level.names}; the state must come from a trainer built the "
+                                 "same way")
+            with torch.no_grad():
+                for name, p in zip(level.names, level.params, strict=True):
+                    value = saved[name]
+                    if value.shape != p.shape:
+                        raise ValueError(f"parameter '{name}' of the {level.name} level has shape "
+                                         f"{tuple(p.shape)}, the saved one {tuple(value.shape)}")
+                    p.copy_(value)
+        level.load_state_dict(state)
 
     # -- compiled steps ----------------------------------------------------------------
 
@@ -658,6 +779,21 @@ class Trainer:
 
     # -- the machinery -------------------------------------------------------------
 
+    def _validate_keeping_rng(self, args, kwargs, where):
+        """:meth:`_validate`; the first checks of a new shape run the models, which
+        draws random numbers: the random stream is put back after them, so that
+        a run resumed from a :meth:`state_dict` draws what the uninterrupted run
+        drew (one CPU state copy per step otherwise)."""
+        checked = len(self._checked)
+        cpu = torch.get_rng_state()
+        cuda = [a.device for a in args if torch.is_tensor(a) and a.device.type == "cuda"][:1]
+        cuda_state = [torch.cuda.get_rng_state(d) for d in cuda]
+        self._validate(args, kwargs, where)
+        if len(self._checked) != checked:
+            torch.set_rng_state(cpu)
+            for d, st in zip(cuda, cuda_state, strict=True):
+                torch.cuda.set_rng_state(st, d)
+
     def _require_data(self, args, what):
         if not args:
             raise ValueError(f"{self.algorithm}.{what} needs the data batch as its first argument")
@@ -668,16 +804,19 @@ class Trainer:
         set with ``set_state`` / ``load``."""
         if self.levels:
             for level in self.levels.values():
+                level.adopt_store()
                 optim = getattr(self, self._optim_attrs[level.name])
                 if optim is not level.pyro_optim:
                     level.build(optim)
                 elif optim._state_waiting_to_be_consumed:
                     level.consume_state()
             return
-        self._setup(args, kwargs)
-        # the collecting runs draw random numbers: leave the user's random stream as it was
+        # the set-up (e.g. KALE's c from generator draws) and the collecting runs draw random
+        # numbers: leave the user's random stream as it was, so that a trainer loaded from a
+        # state_dict (whose first step collects anew) draws what the uninterrupted one drew
         devices = [a.device for a in args if torch.is_tensor(a) and a.device.type == "cuda"][:1]
         with torch.random.fork_rng(devices=devices):
+            self._setup(args, kwargs)
             found = self._parameters(args, kwargs)
         for name, attr in self._optim_attrs.items():
             optim = getattr(self, attr)
@@ -688,14 +827,14 @@ class Trainer:
         if self._pending_state:
             for name in list(self._pending_state):
                 if name in self.levels:
-                    self.levels[name].load_state_dict(self._pending_state.pop(name))
+                    self._load_level(self.levels[name], self._pending_state.pop(name))
 
     def _run(self, body, args, kwargs, what):
         """Validate, prepare, snapshot, run ``body``, check everything with one host
         sync; restore and raise :class:`DivergenceError` on a divergence."""
         self._require_data(args, what)
         step = self.num_steps + 1
-        self._validate(args, kwargs, f"step {step}" if what == "step" else what)
+        self._validate_keeping_rng(args, kwargs, f"step {step}" if what == "step" else what)
         self._prepare(args, kwargs)
         levels = list(self.levels.values())
         self._snapshot.take(levels)
