@@ -7,7 +7,6 @@ import math
 
 import pyro
 import torch
-from pyro import poutine
 
 from ..energy import (
     GuideView,
@@ -15,6 +14,7 @@ from ..energy import (
     check_guide_sites,
     energy_view,
     require_reparameterized,
+    trace_run,
     trainable_parameters,
 )
 from .checks import ALL_FINITE, at_step, check_batch, describe_nonfinite
@@ -80,9 +80,8 @@ def model_and_guide_parameters(algo, v, args, kwargs):
     ``algo.guide`` (see :func:`~pyro_ebm.infer.trainer.collect_parameters`), the
     model's ``pyro.param`` sites read from a run at the guide's draws."""
     values = {k: x.detach() for k, x in algo.guide_view.sample(v.detach(), *args, **kwargs).items()}
-    model = poutine.condition(algo.model, data=values)
     found = collect_parameters({
-        "model": [(algo.model, lambda: model(v, *args, **kwargs))],
+        "model": [(algo.model, lambda: trace_run(algo.model, v, *args, values=values, **kwargs))],
         "guide": [(algo.guide, lambda: algo.guide(v, *args, **kwargs))],
     })
     if not found["model"]:
