@@ -114,6 +114,48 @@ def make_optimizer(optim, params, names):
     return constructor(spec)
 
 
+def _at_least_1d(t):
+    """``t``, or a ``(1,)`` view of a 0-d ``t``: ``torch.compile`` (torch 2.13) drops
+    in-place updates of 0-d tensor inputs, and keeps those of a view."""
+    return t.view(1) if t.dim() == 0 else t
+
+
+def _adam_update(params, grads, moments, hyper):
+    r"""Adam's (AdamW's with ``decoupled``) update of ``params`` in place, as
+    ``torch.optim.Adam`` computes it:
+
+    .. math::
+
+        m \leftarrow \beta_1 m + (1-\beta_1) g,\quad
+        v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
+        \theta \leftarrow \theta - \frac{\eta}{1-\beta_1^t}\,
+            \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    (weight decay added to :math:`g`, or :math:`\theta \leftarrow \theta(1-\eta\lambda)`
+    decoupled), for a compiled step. Returns a 0-d flag, NaN when an updated
+    parameter is NaN / Inf."""
+    exp_avg, exp_avg_sq, steps, lrs = moments
+    flag = None
+    with torch.no_grad():
+        for p, g, m, v, t, lr, (beta1, beta2, eps, wd, decoupled, maximize) in zip(
+                params, grads, exp_avg, exp_avg_sq, steps, lrs, hyper, strict=True):
+            g = -g if maximize else g
+            if wd and decoupled:
+                p.mul_(1 - lr * wd)
+            elif wd:
+                g = g + wd * p
+            t.add_(1)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            n = t.to(p.dtype)  # the count is float32: its powers in the parameters' precision
+            step_size = lr / (1 - beta1 ** n)
+            denom = v.sqrt() / (1 - beta2 ** n).sqrt() + eps
+            p.sub_(step_size * m / denom)
+            peak = p.abs().amax() * 0  # NaN when p holds a NaN or an Inf
+            flag = peak if flag is None else flag + peak
+    return flag
+
+
 def require_adam(optim, why):
     """Raise a ``ValueError`` unless the ``pyro.optim`` object ``optim`` builds a
     ``torch.optim.Adam`` or ``AdamW`` (what unrolled steps replay)."""
@@ -148,6 +190,50 @@ class Level:
         self._store_keys = [(i, store.param_name(p)) for i, p in enumerate(self.params)
                             if store.param_name(p) is not None]
         self.build(optim)
+
+    def adam_hyperparameters(self, indices):
+        """For an Adam or AdamW optimizer with no gradient clipping, the static
+        hyperparameters ``(beta1, beta2, eps, weight_decay, decoupled, maximize)``
+        of the parameters ``indices`` (a tuple, for a compiled step that updates
+        them itself, :func:`_adam_update`); ``None`` otherwise (AMSGrad, a
+        clipped, capturable or differentiable optimizer, another optimizer)."""
+        opt = self.optimizer
+        if type(opt) not in _FUSABLE or self._clip is not None:
+            return None
+        groups = self._param_groups()
+        out = []
+        for i in indices:
+            g = groups[i]
+            if g.get("amsgrad") or g.get("differentiable") or torch.is_tensor(g["betas"][0]):
+                return None
+            decoupled = bool(g.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW)))
+            out.append((float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]), float(g["weight_decay"]),
+                        decoupled, bool(g.get("maximize", False))))
+        return tuple(out)
+
+    def _param_groups(self):
+        by_id = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        return [by_id[id(p)] for p in self.params]
+
+    def adam_state(self, indices):
+        """``(exp_avg, exp_avg_sq, step, lr)`` lists of the parameters ``indices``
+        (the optimizer's own state tensors, created as Adam creates them on a
+        first step; ``lr`` as 0-d tensors, so a scheduler's change needs no new
+        compilation)."""
+        state, groups = self.optimizer.state, self._param_groups()
+        m, v, steps, lrs = [], [], [], []
+        for i in indices:
+            p = self.params[i]
+            st = state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            m.append(st["exp_avg"])
+            v.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+            lrs.append(torch.as_tensor(groups[i]["lr"], dtype=p.dtype, device=p.device))
+        return m, v, steps, lrs
 
     def adopt_store(self):
         """Take the values Pyro's param store holds for this level's parameters when
@@ -590,16 +676,22 @@ class Trainer:
         if self.compile_options is None or any(d is None for d in densities):
             return None
         params = [d.parameters() for d in densities]
-        trainable = {id(p): i for i, p in enumerate(self.levels[level].params)}
+        lv = self.levels[level]
+        trainable = {id(p): i for i, p in enumerate(lv.params)}
         slots = tuple(tuple((j, trainable[id(p)]) for j, p in enumerate(ps) if id(p) in trainable)
                       for ps in params)
         used = sorted({i for slot in slots for _, i in slot})
-        key = (key, tuple(id(d._entry) for d in densities), slots)
+        shapes = tuple(tuple(lv.params[i].shape) for i in used)
+        adam = lv.adam_hyperparameters(used)
+        key = (key, tuple(id(d._entry) for d in densities), slots, adam)
 
         def build():
             order = {i: k for k, i in enumerate(used)}
 
-            def fn(theta, consts, tensors):
+            def fn(theta, consts, tensors, moments):
+                rank1 = theta  # 0-d tensors come as (1,) views: see _at_least_1d
+                theta = [x.view(shape) for x, shape in zip(theta, shapes, strict=True)]
+
                 def loss(theta):
                     fns = []
                     for d, ps, slot in zip(densities, consts, slots, strict=True):
@@ -610,22 +702,34 @@ class Trainer:
                     return loss_fn(fns, *tensors)
 
                 grads, (value, aux) = torch.func.grad_and_value(loss, has_aux=True)(theta)
-                return value, aux, grads
+                if adam is None:
+                    return value, aux, grads, None
+                flat = [g.reshape(x.shape) for g, x in zip(grads, rank1, strict=True)]
+                return value, aux, grads, _adam_update(rank1, flat, moments, adam)
 
             return fn
 
         step = self._compiled(key, build, what)
         if step is None:
             return None
-        lv = self.levels[level]
-        theta = [lv.params[i].detach() for i in used]
-        consts = [[p.detach() for p in ps] for ps in params]
-        value, aux, grads = step(theta, consts, tuple(tensors() if callable(tensors) else tensors))
+        theta = [_at_least_1d(lv.params[i].detach()) for i in used]
+        # the level's own parameters enter once (as theta): no input aliases another
+        consts = [[None if id(p) in trainable else p.detach() for p in ps] for ps in params]
+        moments = None
+        if adam is not None:
+            *state, lrs = lv.adam_state(used)
+            moments = (*([_at_least_1d(t) for t in ts] for ts in state), lrs)
+        value, aux, grads, flag = step(theta, consts, tuple(tensors() if callable(tensors) else tensors),
+                                       moments)
         self._watch(level, label or "the loss", value, where)
         full = [None] * len(lv.params)
         for i, g in zip(used, grads, strict=True):
             full[i] = g
-        self._apply(level, full, where)
+        if flag is None:
+            self._apply(level, full, where)
+        else:  # the optimizer step ran inside the compiled function
+            self._level_now = level
+            self._records.append(_Record("update", level, None, where, [flag], refs=full))
         return value, aux
 
     # -- the update path -----------------------------------------------------------

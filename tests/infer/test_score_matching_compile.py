@@ -131,3 +131,42 @@ def test_compiled_divergence_restores_the_parameters():
     assert f"step {info.value.step}" in str(info.value) and info.value.level == "model"
     for a, b in zip(g.parameters(), before, strict=True):
         assert torch.equal(a.detach(), b)
+
+
+def _optim_run(make_optim, compile, steps=4, scheduler=False):
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    g = GaussianRBM(5, 3).double()
+    optim = make_optim()
+    trainer = ScoreMatching(g.marginal, optim, objective=DSM(0.1), compile=compile)
+    v = torch.randn(12, 5, dtype=torch.float64)
+    for _ in range(steps):
+        trainer.step(v)
+        if scheduler:
+            optim.step()  # the pyro.optim scheduler: a new learning rate each step
+    level = trainer.levels["model"]
+    states = [{k: t.clone() for k, t in level.optimizer.state[p].items()} for p in level.params]
+    return [p.detach().clone() for p in g.parameters()], states, trainer
+
+
+@pytest.mark.parametrize("make_optim, scheduler", [
+    (lambda: pyro.optim.Adam({"lr": 0.02, "betas": (0.8, 0.95), "weight_decay": 0.1}), False),
+    (lambda: pyro.optim.AdamW({"lr": 0.02, "weight_decay": 0.1}), False),
+    (lambda: pyro.optim.ExponentialLR({"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.05},
+                                       "gamma": 0.5}), True),
+    (lambda: pyro.optim.SGD({"lr": 0.01, "momentum": 0.9}), False),
+], ids=["Adam-weight-decay", "AdamW", "Adam-scheduler", "SGD"])
+def test_the_optimizer_step_inside_the_compiled_function_equals_torch(make_optim, scheduler):
+    """Adam and AdamW run inside the compiled function (their moments and step counts
+    are the optimizer's own state tensors, learning rates read at each step), other
+    optimizers outside it: parameters and optimizer states equal the eager run's."""
+    eager, eager_states, _ = _optim_run(make_optim, False, scheduler=scheduler)
+    compiled, states, trainer = _optim_run(make_optim, FAST, scheduler=scheduler)
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    for sa, sb in zip(states, eager_states, strict=True):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sa[k].double(), sb[k].double(), rtol=1e-10, atol=1e-13)
+    steps = [c for c in trainer._compiled_steps.values() if c is not None and not isinstance(c, bool)]
+    assert len(steps) == 1  # a new learning rate compiles nothing new
