@@ -234,6 +234,12 @@ class KALE(Trainer):
 
     # -- the two updates ---------------------------------------------------
 
+    def _compiled(self, key, build, what):
+        # a refusal (e.g. a backend that does not exist) stands for both updates: one warning
+        if any(getattr(c, "fell_back", False) for c in self._compiled_steps.values()):
+            return None
+        return super()._compiled(key, build, what)
+
     def _energy(self, x, params=None):
         e = self.gebm.energy_values(x, params=params)
         return e if self.energy_floor is None else e.clamp(min=self.energy_floor)
