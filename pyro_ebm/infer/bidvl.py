@@ -124,6 +124,21 @@ class BiDVL(Trainer):
     :param int num_samples: decoder draws per level and step; ``None`` for the
         batch size.
     :param str obs_site: the decoder's observed site when it has several.
+    :param compile: ``True`` (or a dict of ``torch.compile`` arguments) runs the
+        upper-level update (:math:`J(\theta)` and its gradient in :math:`\theta`)
+        as one compiled pure function, with the math unchanged: the energy
+        model's traced log density with explicit parameters
+        (:meth:`~pyro_ebm.energy.EnergyView.pure`) on the data and on the decoder
+        draws, differentiated by ``torch.func.grad_and_value``. The draws
+        :math:`\hat v` are made eagerly, as the eager step makes them, and the
+        optimizer step and divergence checks are the eager ones, so compiled and
+        eager trainers give the same numbers from the same seed (to rounding).
+        The lower level stays eager: it runs the decoder and the encoder as Pyro
+        programs (reparameterized draws inside a Pyro trace, Pyro's
+        ``Trace_ELBO``), which have no pure form; so does the upper update with
+        ``unroll_steps > 0``, whose draws come from unrolled lower-level steps.
+        An energy model that runs on the Pyro path, or an update the compiler
+        refuses, trains eagerly after one warning.
 
     >>> decoder = GaussianDecoder(MLP(16, 64), latent_dim=16)
     >>> encoder = AmortizedNormal(Encoder(), site="h")
@@ -146,7 +161,7 @@ class BiDVL(Trainer):
 
     def __init__(self, energy_model, decoder_model, encoder_guide, optim, vae_optim, inner_steps=1,
                  vae_weight=1.0, unroll_steps=0, latent_loss="mse", decoder_sample="rsample",
-                 num_samples=None, obs_site=None):
+                 num_samples=None, obs_site=None, compile=False):
         for name, fn in (("energy_model", energy_model), ("decoder_model", decoder_model),
                          ("encoder_guide", encoder_guide)):
             if not callable(fn):
@@ -187,7 +202,7 @@ class BiDVL(Trainer):
         self.last_samples = None
         self._like = None
         self._num_decoder_params = 0
-        super().__init__({"energy": "optim", "vae": "vae_optim"})
+        super().__init__({"energy": "optim", "vae": "vae_optim"}, compile=compile)
 
     # -- the trainer contract ------------------------------------------------
 
@@ -227,12 +242,16 @@ class BiDVL(Trainer):
             value, terms = self._lower_step(v, rest, kwargs, k)
             lowers.append(value)
         self._level_now = "energy"
-        loss, e_data, _ = self._upper_loss(v, rest, kwargs)
-        self._watch("energy", "the upper-level loss", loss)
-        self._minimize("energy", loss, "upper-level update")
-        out = {"upper": loss.detach(), "lower": mean_or_nan(lowers)}
+        v_hat = self._upper_draws(v, rest, kwargs)
+        done = self._compiled_upper_update(v, v_hat, rest, kwargs)
+        if done is None:
+            loss, e_data, _ = self._upper_energies(v, v_hat, rest, kwargs)
+            self._watch("energy", "the upper-level loss", loss)
+            self._minimize("energy", loss, "upper-level update")
+            done = loss.detach(), {"energy_data": e_data.detach().mean()}
+        out = {"upper": done[0], "lower": mean_or_nan(lowers)}
         out.update(terms)
-        out["energy_data"] = e_data.detach().mean()
+        out["energy_data"] = done[1]["energy_data"]
         return out
 
     def _losses(self, args, kwargs):
@@ -450,7 +469,9 @@ class BiDVL(Trainer):
             dec_w = new_dec
         return dec_w
 
-    def _upper_loss(self, v, args, kwargs):
+    def _upper_draws(self, v, args, kwargs):
+        """The upper level's decoder draws :math:`\\hat v` (detached, or with their
+        graph through the unrolled steps)."""
         n = self.num_samples or v.shape[0]
         if self.unroll_steps:
             v_hat = self._draw(n, args, kwargs, self._unrolled_weights(v, args, kwargs))[0]
@@ -459,13 +480,49 @@ class BiDVL(Trainer):
                 v_hat = self._draw(n, args, kwargs)[0]
         self._check_draws(v_hat)
         self.last_samples = v_hat.detach()
+        return v_hat
+
+    def _upper_energies(self, v, v_hat, args, kwargs, log_densities=None):
+        """:math:`J` and the per-item energies of the data and of the draws, from
+        ``log_densities = (for the data (or both together), for the draws)``,
+        each ``f(x, *args, **kwargs)`` per item (the energy view's by default)."""
+        if log_densities is None:
+            def log_density(x, *args, **kwargs):
+                return self.view.log_density(x, *args, per_item=True, **kwargs)
+
+            log_densities = (log_density, log_density)
         if args or kwargs:  # per-item arguments: one run per batch
-            e_data = self._energy(v, args, kwargs)
-            e_sample = self._energy(v_hat, args, kwargs)
+            e_data = -log_densities[0](v, *args, **kwargs)
+            e_sample = -log_densities[1](v_hat, *args, **kwargs)
         else:  # one run over data and draws together
-            both = self._energy(torch.cat([v, v_hat.to(v.dtype)]), (), {})
+            both = -log_densities[0](torch.cat([v, v_hat.to(v.dtype)]))
             e_data, e_sample = both.split([v.shape[0], v_hat.shape[0]])
         return e_data.mean() - e_sample.mean(), e_data, e_sample
+
+    def _upper_loss(self, v, args, kwargs):
+        return self._upper_energies(v, self._upper_draws(v, args, kwargs), args, kwargs)
+
+    def _compiled_upper_update(self, v, v_hat, args, kwargs):
+        """The upper update through one compiled pure function of the energy model's
+        parameters (:meth:`Trainer._compiled_minimize`): ``(J, {"energy_data"})``, or
+        ``None`` for the eager update (compiling off or refused, ``unroll_steps >
+        0``, or no pure density: one warning)."""
+        if self.compile_options is None or self.unroll_steps:
+            return None
+        v, v_hat = v.detach(), v_hat.detach().to(v.dtype)
+        if args or kwargs:
+            pure = self._pure(self.view, v, *args, per_item=True, **kwargs)
+            densities = [pure, pure and self._pure(self.view, v_hat, *args, per_item=True, **kwargs)]
+        else:
+            densities = [self._pure(self.view, torch.cat([v, v_hat]), per_item=True)]
+
+        def loss_fn(fns, v, v_hat, args, kwargs):
+            loss, e_data, _ = self._upper_energies(v, v_hat, args, kwargs, (fns[0], fns[-1]))
+            return loss, {"energy_data": e_data.mean()}
+
+        return self._compiled_minimize("energy", "upper", densities, loss_fn, (v, v_hat, args, kwargs),
+                                       f"the upper-level update of {self.algorithm}",
+                                       label="the upper-level loss", where="upper-level update")
 
     # -- public ------------------------------------------------------------
 

@@ -19,6 +19,25 @@ def _log_mean_exp(t):
     return torch.logsumexp(t, 0) - math.log(t.shape[0])
 
 
+def _autograd_input_grad(energy, x):
+    """:math:`\\nabla_x \\sum_i E(x_i)` by autograd, with its graph (the eager penalty)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(energy(x).sum(), x, create_graph=True)
+    return grad
+
+
+def _func_input_grad(energy, x):
+    """The same gradient by ``torch.func.grad``: compiled graphs refuse double backward."""
+    return torch.func.grad(lambda v: energy(v).sum())(x)
+
+
+def _names(module, params):
+    """The names in ``module.named_parameters()`` of ``params``, for ``functional_call``."""
+    by_id = {id(p): name for name, p in module.named_parameters()}
+    return [by_id[id(p)] for p in params]
+
+
 class KALE(Trainer):
     r"""Trains a :class:`~pyro_ebm.models.GEBM` by the KL Approximate Lower-bound
     Estimate (KALE): the energy and a scalar :math:`c` form a critic that
@@ -88,6 +107,19 @@ class KALE(Trainer):
         gradient, or ``None`` for none.
     :type c_grad_clip: float or None
     :param int init_samples: base draws for the initial value of :math:`c`.
+    :param compile: ``True`` (or a dict of ``torch.compile`` arguments) runs each
+        critic update and each generator update, loss and gradient, as one
+        compiled pure function, with the math above unchanged: the energy and
+        the generator through ``torch.func.functional_call`` with their
+        parameters passed in, the penalty's :math:`\nabla_{\hat x} E` by
+        ``torch.func.grad`` (compiled graphs refuse double backward), the
+        gradient in the level's parameters by ``torch.func.grad_and_value`` and
+        the soft clip of :math:`c`'s gradient inside. The base draws and the
+        interpolation weights :math:`\alpha` are drawn eagerly, in the eager
+        update's order, so a compiled and an eager trainer give the same numbers
+        from the same seed (to rounding); the optimizer steps and the
+        divergence checks are the eager ones. An update the compiler refuses
+        runs eagerly after one warning. The first step compiles (seconds on a CPU).
 
     >>> gebm = GEBM(MLP(1, 2), MLP(2, 1), latent_dim=1)
     >>> kale = KALE(gebm, pyro.optim.Adam({"lr": 1e-3, "betas": (0.5, 0.9)}),
@@ -106,7 +138,7 @@ class KALE(Trainer):
 
     def __init__(self, gebm, optim, generator_optim, critic_steps: int = 5,
                  warmup_critic_steps: int = 100, penalty: float = 1.0, energy_floor: float | None = -10.0,
-                 c_grad_clip: float | None = 1.0, init_samples: int = 1024):
+                 c_grad_clip: float | None = 1.0, init_samples: int = 1024, compile=False):
         for name, opt in (("optim", optim), ("generator_optim", generator_optim)):
             if not (isinstance(opt, PyroOptim) or (opt is None and name == "generator_optim")):
                 raise TypeError(
@@ -138,7 +170,7 @@ class KALE(Trainer):
         #: the learned scalar :math:`c` (an estimate of :math:`\log \mathbb E_G[e^{-E}]`)
         self.c = None
         #: generator updates made so far: ``num_steps``
-        super().__init__({"critic": "optim", "generator": "generator_optim"})
+        super().__init__({"critic": "optim", "generator": "generator_optim"}, compile=compile)
 
     # -- the trainer contract ------------------------------------------------
 
@@ -176,12 +208,11 @@ class KALE(Trainer):
         x = args[0].detach()
         if self.c is None:
             self._init_c()
-        with torch.no_grad():
-            x_g = self.gebm.sample_base(len(x))
-        kale, penalty = self._critic_terms(x, x_g)
+        x_g, alpha = self._critic_draws(x)
+        critic_loss, kale = self._critic_objective(x, x_g, alpha, self.c, self.gebm.energy_values,
+                                                   _autograd_input_grad)
         with torch.no_grad():
             generator_loss = self._generator_loss(x, x_g)
-        critic_loss = -kale + self.penalty * penalty
         return {"critic_loss": critic_loss.detach(), "generator_loss": generator_loss.detach(),
                 "kale": kale.detach()}
 
@@ -203,42 +234,106 @@ class KALE(Trainer):
 
     # -- the two updates ---------------------------------------------------
 
-    def _energy(self, x):
-        e = self.gebm.energy_values(x)
+    def _compiled(self, key, build, what):
+        # a refusal (e.g. a backend that does not exist) stands for both updates: one warning
+        if any(getattr(c, "fell_back", False) for c in self._compiled_steps.values()):
+            return None
+        return super()._compiled(key, build, what)
+
+    def _energy(self, x, params=None):
+        e = self.gebm.energy_values(x, params=params)
         return e if self.energy_floor is None else e.clamp(min=self.energy_floor)
 
-    def _critic_terms(self, x, x_g):
-        """KALE estimate :math:`\\mathcal F` (no penalty) and the gradient penalty."""
-        c = self.c
-        e_p, e_g = self._energy(x), self._energy(x_g)
-        kale = 1.0 - (e_p + c).mean() - torch.exp(_log_mean_exp(-e_g - c))
-        if self.penalty == 0:
-            return kale, torch.zeros((), dtype=kale.dtype, device=kale.device)
-        alpha = torch.rand((len(x),) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
-        with torch.enable_grad():
-            x_hat = (alpha * x + (1 - alpha) * x_g).detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.gebm.energy_values(x_hat).sum(), x_hat, create_graph=True)
-        penalty = grad.reshape(len(x), -1).pow(2).sum(-1).mean()
-        return kale, penalty
-
-    def _critic_update(self, x, k):
+    def _critic_draws(self, x):
+        """A critic update's random numbers, in this order: the base draws
+        :math:`G_\\theta(z)`, then (with a penalty) the interpolation weights
+        :math:`\\alpha`, one per item."""
         with torch.no_grad():
             x_g = self.gebm.sample_base(len(x))
-        kale, penalty = self._critic_terms(x, x_g)
-        loss = -kale + self.penalty * penalty
+        if self.penalty == 0:
+            return x_g, None
+        return x_g, torch.rand((len(x),) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+
+    def _critic_objective(self, x, x_g, alpha, c, energy, input_grad):
+        """The critic loss :math:`-\\mathcal F + \\lambda\\,\\text{penalty}` and the KALE
+        :math:`\\mathcal F`, from ``energy(v)`` (per item, no floor) and
+        ``input_grad(energy, v)`` :math:`= \\nabla_v \\sum_i E(v_i)` (autograd
+        eagerly, ``torch.func`` when compiled)."""
+        e_p = energy(x)
+        e_g = energy(x_g)
+        if self.energy_floor is not None:
+            e_p, e_g = e_p.clamp(min=self.energy_floor), e_g.clamp(min=self.energy_floor)
+        kale = 1.0 - (e_p + c).mean() - torch.exp(_log_mean_exp(-e_g - c))
+        if alpha is None:
+            return -kale, kale
+        grad = input_grad(energy, alpha * x + (1 - alpha) * x_g)
+        penalty = grad.reshape(len(x), -1).pow(2).sum(-1).mean()
+        return -kale + self.penalty * penalty, kale
+
+    def _clip_c(self, grad):
+        """The soft clip :math:`\\kappa\\tanh(g / \\kappa)` of :math:`c`'s gradient."""
+        if self.c_grad_clip is None or grad is None:
+            return grad
+        return self.c_grad_clip * torch.tanh(grad / self.c_grad_clip)
+
+    def _critic_update(self, x, k):
+        x_g, alpha = self._critic_draws(x)
         where = f"critic update {k}"
-        self._watch("critic", "the critic loss", loss, where, diagnose=lambda: self._diagnose_terms(x, x_g))
+
+        def diagnose():
+            return self._diagnose_terms(x, x_g)
+
+        done = self._compiled_critic_update(x, x_g, alpha, where, diagnose)
+        if done is not None:
+            return done
+        loss, kale = self._critic_objective(x, x_g, alpha, self.c, self.gebm.energy_values,
+                                            _autograd_input_grad)
+        self._watch("critic", "the critic loss", loss, where, diagnose=diagnose)
         critic = self.levels["critic"]
         grads = list(torch.autograd.grad(loss, critic.params, allow_unused=True))
-        if self.c_grad_clip is not None and grads[-1] is not None:  # c is the level's last parameter
-            grads[-1] = self.c_grad_clip * torch.tanh(grads[-1] / self.c_grad_clip)
+        grads[-1] = self._clip_c(grads[-1])  # c is the level's last parameter
         self._apply("critic", grads, where)
         return loss.detach(), kale.detach()
 
-    def _generator_loss(self, x, x_g):
+    def _compiled_critic_update(self, x, x_g, alpha, where, diagnose):
+        """The critic update through one compiled pure function of (energy
+        parameters, c, x, base draws, alpha) returning the loss, the KALE and the
+        (clipped) gradients; ``None`` for the eager update (compiling off or refused)."""
+        if self.compile_options is None:
+            return None
+        critic = self.levels["critic"]
+
+        def build():
+            names = _names(self.gebm.energy, critic.params[:-1])
+
+            def fn(theta, x, x_g, alpha):
+                def loss(theta):
+                    params = dict(zip(names, theta[:-1], strict=True))
+
+                    def energy(v):
+                        return self.gebm.energy_values(v, params=params)
+
+                    return self._critic_objective(x, x_g, alpha, theta[-1], energy, _func_input_grad)
+
+                grads, (value, kale) = torch.func.grad_and_value(loss, has_aux=True)(theta)
+                grads = list(grads)
+                grads[-1] = self._clip_c(grads[-1])
+                return value, kale, grads
+
+            return fn
+
+        step = self._compiled(("critic", alpha is None), build, f"the critic update of {self.algorithm}")
+        if step is None:
+            return None
+        value, kale, grads = step([p.detach() for p in critic.params], x, x_g, alpha)
+        self._watch("critic", "the critic loss", value, where, diagnose=diagnose)
+        self._apply("critic", grads, where)
+        return value, kale
+
+    def _generator_loss(self, x, x_g, params=None):
         with torch.no_grad():
-            data_term = self._energy(x).mean()
-        return -data_term - _log_mean_exp(-self._energy(x_g))
+            data_term = self._energy(x, params).mean()
+        return -data_term - _log_mean_exp(-self._energy(x_g, params))
 
     def _generator_update(self, x):
         where = "generator update"
@@ -249,12 +344,53 @@ class KALE(Trainer):
             self._watch("generator", "the generator loss", loss, where,
                         diagnose=lambda: self._diagnose_terms(x, x_g))
             return loss
-        x_g = self.gebm.generator(self.gebm.sample_latent(len(x)))
-        loss = self._generator_loss(x, x_g)
-        self._watch("generator", "the generator loss", loss, where,
-                    diagnose=lambda: self._diagnose_terms(x, x_g.detach()))
+        z = self.gebm.sample_latent(len(x))
+
+        def diagnose():
+            with torch.no_grad():
+                return self._diagnose_terms(x, self.gebm.generator(z))
+
+        done = self._compiled_generator_update(x, z, where, diagnose)
+        if done is not None:
+            return done
+        loss = self._generator_loss(x, self.gebm.generator(z))
+        self._watch("generator", "the generator loss", loss, where, diagnose=diagnose)
         self._minimize("generator", loss, where)
         return loss.detach()
+
+    def _compiled_generator_update(self, x, z, where, diagnose):
+        """The generator update through one compiled pure function of (generator
+        parameters, energy parameters held fixed, x, z) returning the loss and
+        its gradient; ``None`` for the eager update."""
+        if self.compile_options is None:
+            return None
+        generator = self.levels["generator"]
+        energy_names = [name for name, _ in self.gebm.energy.named_parameters()]
+
+        def build():
+            names = _names(self.gebm.generator, generator.params)
+
+            def fn(theta, energy_params, x, z):
+                params = dict(zip(energy_names, energy_params, strict=True))
+
+                def loss(theta):
+                    weights = dict(zip(names, theta, strict=True))
+                    x_g = torch.func.functional_call(self.gebm.generator, weights, (z,))
+                    return self._generator_loss(x, x_g, params)
+
+                grads, value = torch.func.grad_and_value(loss)(theta)
+                return value, grads
+
+            return fn
+
+        step = self._compiled("generator", build, f"the generator update of {self.algorithm}")
+        if step is None:
+            return None
+        value, grads = step([p.detach() for p in generator.params],
+                            [p.detach() for _, p in self.gebm.energy.named_parameters()], x, z)
+        self._watch("generator", "the generator loss", value, where, diagnose=diagnose)
+        self._apply("generator", grads, where)
+        return value
 
     # -- checks and set-up -------------------------------------------------
 

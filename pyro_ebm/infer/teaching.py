@@ -90,6 +90,18 @@ class MCMCTeaching(Trainer):
     :param str obs_site: name of the VAE model's observed site when it has several.
     :param tuple event_shape: shape of one data item, for :meth:`sample` before any
         :meth:`step` (afterwards the last batch's shape, dtype and device are used).
+    :param compile: ``True`` (or a dict of ``torch.compile`` arguments) runs the
+        EBM update (step 3: :math:`L(\theta)` with the energy penalty, and its
+        gradient in :math:`\theta`) as one compiled pure function, with the math
+        unchanged: the energy model's traced log density with explicit
+        parameters (:meth:`~pyro_ebm.energy.EnergyView.pure`) on the data and on
+        :math:`\tilde x`, differentiated by ``torch.func.grad_and_value``; the
+        optimizer step and the divergence checks are the eager ones, so compiled
+        and eager trainers give the same numbers from the same seed (to rounding).
+        The Langevin revision (step 2, the kernels of :mod:`pyro_ebm.mcmc`) and the
+        VAE's ``Trace_ELBO`` update (step 4, a Pyro run of the VAE's model and
+        guide) stay eager. An energy model that runs on the Pyro path, or an update
+        the compiler refuses, trains eagerly after one warning.
 
     >>> teaching = MCMCTeaching(ebm, vae.model, vae.guide,
     ...                         pyro.optim.Adam({"lr": 1e-3}), pyro.optim.Adam({"lr": 1e-3}),
@@ -111,7 +123,7 @@ class MCMCTeaching(Trainer):
 
     def __init__(self, energy_model, vae_model, vae_guide, optim, vae_optim, kernel,
                  num_langevin_steps=20, num_chains=None, noise=True, obs_site=None, event_shape=None,
-                 energy_penalty=0.0):
+                 energy_penalty=0.0, compile=False):
         for name, fn in (("energy_model", energy_model), ("vae_model", vae_model), ("vae_guide", vae_guide)):
             if not callable(fn):
                 raise TypeError(f"{name} must be a Pyro model / guide, got {type(fn).__name__}")
@@ -135,7 +147,7 @@ class MCMCTeaching(Trainer):
         self._like = None if event_shape is None else torch.zeros((1,) + tuple(event_shape))
         #: the last step's decoder means :math:`x_0` and revised samples :math:`\tilde x`
         self.last_init = self.last_revised = None
-        super().__init__({"energy": "optim", "vae": "vae_optim"})
+        super().__init__({"energy": "optim", "vae": "vae_optim"}, compile=compile)
 
     # -- the VAE as initializer -------------------------------------------
 
@@ -294,14 +306,45 @@ class MCMCTeaching(Trainer):
         self.last_losses = self._run(body, (x_revised,) + args, kwargs, "vae_step")
         return self.last_losses["vae_elbo"]
 
-    def _ebm_update(self, x, x_revised, args, kwargs):
-        self._level_now = "energy"
-        e_data = self.sampler.energy(x, *args, **kwargs)
-        e_rev = self.sampler.energy(x_revised, *args, **kwargs)
+    def _ebm_objective(self, e_data, e_rev):
+        """:math:`L(\\theta)` and the objective minimized (with the energy penalty),
+        from the per-item energies of the data and of the revised samples."""
         loss = e_data.mean() - e_rev.mean()
         objective = loss
         if self.energy_penalty:
             objective = loss + self.energy_penalty * (e_data.pow(2).mean() + e_rev.pow(2).mean())
+        return loss, objective
+
+    def _compiled_ebm_update(self, x, x_revised, args, kwargs):
+        """The EBM update through one compiled pure function of the energy model's
+        parameters (:meth:`Trainer._compiled_minimize`); ``None`` for the eager
+        update (compiling off or refused, or no pure density: one warning)."""
+        if self.compile_options is None:
+            return None
+        view = self.sampler._view
+        pure_data = self._pure(view, x, *args, per_item=True, **kwargs)
+        if pure_data is None:
+            return None
+        pure_rev = self._pure(view, x_revised, *args, per_item=True, **kwargs)
+
+        def loss_fn(fns, x, x_revised, args, kwargs):
+            e_data, e_rev = -fns[0](x, *args, **kwargs), -fns[1](x_revised, *args, **kwargs)
+            loss, objective = self._ebm_objective(e_data, e_rev)
+            return objective, {"ebm_loss": loss, "energy_data": e_data.mean(), "energy_revised": e_rev.mean()}
+
+        done = self._compiled_minimize("energy", "ebm", [pure_data, pure_rev], loss_fn,
+                                       (x.detach(), x_revised.detach(), args, kwargs),
+                                       f"the EBM update of {self.algorithm}", label="the EBM loss")
+        return None if done is None else done[1]
+
+    def _ebm_update(self, x, x_revised, args, kwargs):
+        self._level_now = "energy"
+        done = self._compiled_ebm_update(x, x_revised, args, kwargs)
+        if done is not None:
+            return done
+        e_data = self.sampler.energy(x, *args, **kwargs)
+        e_rev = self.sampler.energy(x_revised, *args, **kwargs)
+        loss, objective = self._ebm_objective(e_data, e_rev)
         self._watch("energy", "the EBM loss", objective,
                     diagnose=lambda: self._diagnose_batches(x, x_revised, args, kwargs))
         self._minimize("energy", objective)

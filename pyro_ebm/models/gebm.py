@@ -93,12 +93,15 @@ class GEBM(PyroModule):
 
     # -- pieces used by trainers and samplers ------------------------------
 
-    def energy_values(self, x, batch_shape=None):
+    def energy_values(self, x, batch_shape=None, params=None):
         """The energy :math:`E(x)`, one value per item: shape ``batch_shape``
         (by default ``x.shape[:1]``). An energy network's trailing unit output
-        dim is dropped."""
+        dim is dropped. ``params`` (``{name: tensor}``, names of the energy
+        network's ``named_parameters``) stand in for the network's own
+        parameters (``torch.func.functional_call``), for a pure function of them."""
         batch_shape = torch.Size(x.shape[:1] if batch_shape is None else batch_shape)
-        e = self._modules["energy"](x)
+        energy = self._modules["energy"]
+        e = energy(x) if params is None else torch.func.functional_call(energy, params, (x,))
         if e.shape == batch_shape + (1,):
             e = e.squeeze(-1)
         if e.shape != batch_shape:
