@@ -360,7 +360,7 @@ def fit(trainer, data, num_steps, batch_size=None, *, seed=0, checkpoint=None, c
         _check_int("batch_size", batch_size, 1)
         if batch_size > n:
             raise ValueError(f"batch_size={batch_size} exceeds the {n} items of data")
-    _check_int("seed", seed, -(2 ** 62))
+    _check_int("seed", seed, 0)
     _check_int("checkpoint_every", checkpoint_every, 1)
     _check_int("keep", keep, 1)
     folder = Path(checkpoint) if checkpoint is not None else None
@@ -405,7 +405,8 @@ def fit(trainer, data, num_steps, batch_size=None, *, seed=0, checkpoint=None, c
                  **expected}
         _write_atomic(path, {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "fit": state})
         latest, written = path, step
-        for _, old in _checkpoints(folder)[keep:]:
+        # newer files are ones a resume skipped (unreadable): never let them crowd out good ones
+        for _, old in [c for c in _checkpoints(folder) if c[0] <= step][keep:]:
             old.unlink(missing_ok=True)
 
     interrupted = False

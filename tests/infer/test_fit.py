@@ -219,10 +219,11 @@ def test_a_foreign_file_is_refused_naming_it(tmp_path):
         load_checkpoint(text)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")
-    # resume skips it (nothing else there: a fresh start)
+    # resume skips it (nothing else there: a fresh start), and keep=1 keeps the good file
     with pytest.warns(UserWarning, match=r"skipping .*step-00000009\.pt"):
-        result = fit(build("ScoreMatching"), data(), 2, 8, checkpoint=tmp_path, resume=True)
+        result = fit(build("ScoreMatching"), data(), 2, 8, checkpoint=tmp_path, resume=True, keep=1)
     assert result.num_steps == 2 and len(result.losses["loss"]) == 2
+    assert _steps(tmp_path) == [2, 9] and load_checkpoint(result.checkpoint)["fit"]["step"] == 2
 
 
 def _overflowing():
@@ -304,6 +305,7 @@ def test_refuses_to_mix_runs_and_to_resume_with_other_arguments(tmp_path):
     ({"batch_size": 0}, "batch_size must be an int >= 1"),
     ({"checkpoint_every": 0}, "checkpoint_every must be an int >= 1, got 0"),
     ({"keep": 0}, "keep must be an int >= 1"),
+    ({"seed": -1}, "seed must be an int >= 0, got -1"),
     ({"data": (torch.zeros(40, 2), torch.zeros(39))}, r"share their first dim, got lengths \[40, 39\]"),
     ({"data": torch.zeros(0, 2)}, "data holds no items"),
     ({"resume": True}, "resume=True needs the checkpoint folder"),
