@@ -19,11 +19,18 @@ _WHERE = {
     "KALE": "kale",
     "MCMCTeaching": "teaching",
     "BiDVL": "bidvl",
+    "fit": "fit",
+    "FitResult": "fit",
+    "load_checkpoint": "fit",
 }
 __all__ = sorted(_WHERE)
 
 
 def __getattr__(name):
     if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        module = importlib.import_module(f".{_WHERE[name]}", __name__)
+        if module.__name__.endswith(".fit"):
+            # importing the submodule .fit bound the name `fit` here to the module: bind the function
+            globals()["fit"] = module.fit
+        return getattr(module, name)
     raise AttributeError(f"module 'pyro_ebm.infer' has no attribute {name!r}")
