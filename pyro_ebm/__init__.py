@@ -15,8 +15,8 @@ def __getattr__(name):
     # does not import torch and Pyro
     if name == "EnergyView":
         return importlib.import_module(".energy", __name__).EnergyView
-    if name == "fit":  # the training loop of long runs, pyro_ebm.infer.fit
-        return importlib.import_module(".infer.fit", __name__).fit
+    if name == "fit":  # the training loop of long runs, pyro_ebm.infer.fit (in infer/loop.py)
+        return importlib.import_module(".infer.loop", __name__).fit
     if name in __all__:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pyro_ebm' has no attribute {name!r}")

@@ -19,9 +19,9 @@ _WHERE = {
     "KALE": "kale",
     "MCMCTeaching": "teaching",
     "BiDVL": "bidvl",
-    "fit": "fit",
-    "FitResult": "fit",
-    "load_checkpoint": "fit",
+    "fit": "loop",
+    "FitResult": "loop",
+    "load_checkpoint": "loop",
 }
 __all__ = sorted(_WHERE)
 
@@ -29,8 +29,5 @@ __all__ = sorted(_WHERE)
 def __getattr__(name):
     if name in _WHERE:
         module = importlib.import_module(f".{_WHERE[name]}", __name__)
-        if module.__name__.endswith(".fit"):
-            # importing the submodule .fit bound the name `fit` here to the module: bind the function
-            globals()["fit"] = module.fit
         return getattr(module, name)
     raise AttributeError(f"module 'pyro_ebm.infer' has no attribute {name!r}")

@@ -32,7 +32,6 @@ import signal
 import sys
 import threading
 import time
-import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -449,15 +448,3 @@ def fit(trainer, data, num_steps, batch_size=None, *, seed=0, checkpoint=None, c
         if writer is not None:
             writer.close()
     return FitResult(num_steps=step, interrupted=interrupted, checkpoint=latest, losses=history)
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this module binds ``pyro_ebm.infer.fit`` to the module (Python's
-    import system does that after the module ran); calling it then still runs
-    :func:`fit`."""
-
-    def __call__(self, *args, **kwargs):
-        return fit(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
