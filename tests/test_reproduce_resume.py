@@ -160,3 +160,10 @@ def test_a_run_of_several_trainings_resumes_mid_run_with_the_same_report(tmp_pat
     capsys.readouterr()
     assert len(calls) == 2  # steps 4 and 5 of 5
     assert _untimed(resumed) == _untimed(straight)
+
+
+def test_resume_is_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["reproduce", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--resume continue an interrupted reproduction in the same --out folder" in text
