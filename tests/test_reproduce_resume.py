@@ -18,6 +18,7 @@ from pyro_ebm.experiments._runs import RunStore
 def _untimed(report):
     """The report without its wall times (the 's / run' column, 'ms per iteration')."""
     report = re.sub(r"\| [\d.]+ \|$", "| T |", report, flags=re.M)
+    report = re.sub(r"[\d.]+× cheaper", "T", report)
     return re.sub(r"\d+(\.\d+)? (s|ms)\b", "T", re.sub(r"(iteration, one thread\): ).*", r"\1T", report))
 
 
@@ -159,6 +160,23 @@ def test_a_run_of_several_trainings_resumes_mid_run_with_the_same_report(tmp_pat
     resumed = cli.reproduce("teaching-toy", out=tmp_path / "b", quick=True, resume=True)
     capsys.readouterr()
     assert len(calls) == 2  # steps 4 and 5 of 5
+    assert _untimed(resumed) == _untimed(straight)
+
+
+def test_bidvl_digits_interrupted_in_its_first_training_resumes_with_the_same_report(tmp_path, monkeypatch,
+                                                                                   capsys):
+    from pyro_ebm.infer import BiDVL
+
+    monkeypatch.setattr(_runs, "CHECKPOINT_EVERY", 3)
+    straight = cli.reproduce("bidvl-digits", out=tmp_path / "a", quick=True)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, BiDVL, 5)
+        with pytest.raises(SystemExit):
+            cli.reproduce("bidvl-digits", out=tmp_path / "b", quick=True)
+    calls = _interrupt_at(monkeypatch, BiDVL, -1)
+    resumed = cli.reproduce("bidvl-digits", out=tmp_path / "b", quick=True, resume=True)
+    capsys.readouterr()
+    assert len(calls) == 5  # steps 6 to 10 of 10
     assert _untimed(resumed) == _untimed(straight)
 
 
