@@ -54,17 +54,28 @@ def benchmark_names():
     return sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.stem.startswith("_"))
 
 
-def reproduce(name, out=None, quick=False, seeds=None):
+def reproduce(name, out=None, quick=False, seeds=None, resume=False):
     names = experiment_names()
     if name not in names:
         raise SystemExit(f"pyro-ebm reproduce: unknown experiment {name!r}; choose one of {names}")
     module = importlib.import_module(f"pyro_ebm.experiments.{name.replace('-', '_')}")
     out_dir = Path(out or f"runs/reproduce/{name}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    kwargs = {"quick": quick}
+    kwargs = {"quick": quick, "resume": resume}
     if seeds is not None:
         kwargs["seeds"] = tuple(seeds)
-    report = module.run(out_dir, **kwargs)
+    try:
+        report = module.run(out_dir, **kwargs)
+    except KeyboardInterrupt:
+        from .experiments._runs import RUNS, finished_runs
+
+        again = ["pyro-ebm", "reproduce", name, "--out", str(out_dir), "--resume"]
+        again += ["--quick"] if quick else []
+        again += ["--seeds", *map(str, seeds)] if seeds is not None else []
+        print(f"\npyro-ebm reproduce {name}: interrupted. The {finished_runs(out_dir)} finished runs are in "
+              f"{out_dir / RUNS} (and a checkpoint of the run in progress, if it got far enough); "
+              f"continue with:\n  {' '.join(again)}", file=sys.stderr)
+        raise SystemExit(130) from None
     (out_dir / f"{name}.md").write_text(report)
     print(report)
     print(f"\nwrote {out_dir / (name + '.md')} and the figures beside it")
@@ -103,13 +114,20 @@ def _parser():
 
     rep = sub.add_parser("reproduce", help="reproduce a paper's claim (see docs/results.md)",
                          description="Run one experiment that reproduces a paper's claim and write its "
-                                     "report (Markdown) and figures.")
+                                     "report (Markdown) and figures. Each finished run's numbers are "
+                                     "written to OUT/runs as soon as it ends and long trainings are "
+                                     "checkpointed, so Ctrl-C loses little: rerun with --resume.")
     rep.add_argument("name", help="experiment name, or `list`; one of: " + ", ".join(experiment_names()))
     rep.add_argument("--out", default=None,
                      help="folder for the report and figures (default: runs/reproduce/NAME)")
     rep.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     rep.add_argument("--seeds", type=int, nargs="+", default=None,
                      help=f"random seeds, one run each (default: {DEFAULT_SEEDS})")
+    rep.add_argument("--resume", action="store_true",
+                     help="continue an interrupted reproduction in the same --out folder: finished runs "
+                          "(their numbers are written to OUT/runs as each ends) are loaded, not redone, and "
+                          "a run in progress continues from its last checkpoint; the report is the same as "
+                          "an uninterrupted run's")
     rep.add_argument("--no-progress", **no_progress)
 
     ben = sub.add_parser("bench", help="run a speed benchmark (see docs/benchmarks.md)",
@@ -132,7 +150,7 @@ def main(argv=None):
         if args.name == "list":
             print("\n".join(experiment_names()))
             return
-        reproduce(args.name, args.out, args.quick, args.seeds)
+        reproduce(args.name, args.out, args.quick, args.seeds, args.resume)
     else:
         if args.name == "list":
             print("\n".join(benchmark_names()))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 
 import pyro
 import torch
@@ -20,7 +19,7 @@ from .. import datasets
 from ..guides import AmortizedBernoulli
 from ..infer import DSM, SSM, BiSM, ContrastiveDivergence, ExactSM, VaGES
 from ..models import GaussianRBM
-from ..progress import progress_bar
+from ._runs import STOP, OptimState
 
 #: bi-level / variational method -> its plain score-matching counterpart
 COUNTERPART = {
@@ -63,27 +62,50 @@ def method_factories(sigma, lr, visible, hidden):
     }
 
 
-def train_one(name, factory, train, test, visible, hidden, iterations, seed):
+def _diverged(err):
+    text = str(err)
+    return "non-finite" in text or "NaN" in text or "diverg" in text
+
+
+def train_one(name, factory, train, test, visible, hidden, iterations, seed, store):
+    """One method and seed, trained in ``store``'s checkpointed loop: its numbers,
+    and the trained GaussianRBM's state (for the figures)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     grbm = GaussianRBM(visible, hidden).to(train.dtype)
     trainer = factory(grbm)
+    if isinstance(trainer, pyro.infer.SVI):
+        state = OptimState(trainer.optim)
+    else:
+        state = trainer
     stream = datasets.batches(train, 100, seed=seed)
-    start = time.perf_counter()
     diverged = None
-    for it in progress_bar(range(iterations), desc=f"{name} seed {seed}"):
+
+    def step(i, v):
+        nonlocal diverged
         try:
-            trainer.step(next(stream))
+            return trainer.step(v)
         except (ValueError, RuntimeError) as err:
-            if "non-finite" not in str(err) and "NaN" not in str(err) and "diverg" not in str(err):
+            if not _diverged(err):
                 raise
-            diverged = it + 1
-            break
-    seconds = time.perf_counter() - start
+            diverged = i + 1
+            return STOP
+
+    _, seconds = store.train("trainer", state, stream, iterations, step=step, modules=(grbm,),
+                             desc=f"{name} seed {seed}")
     with torch.no_grad():
         ll = float(grbm.log_likelihood(test).mean()) if diverged is None else math.nan
     sm = ExactSM(max_exact_dim=test.shape[1]).evaluate(grbm.marginal, test) if diverged is None else math.nan
-    return {"ll": ll, "sm": sm, "seconds": seconds, "diverged": diverged, "model": grbm}
+    numbers = {"ll": ll, "sm": sm, "seconds": seconds, "diverged": diverged}
+    return numbers, {"model": {k: v.detach().clone() for k, v in grbm.state_dict().items()}}
+
+
+def trained_model(tensors, visible, hidden, dtype):
+    """The GaussianRBM of a stored run (its figure input)."""
+    with torch.random.fork_rng(devices=[]):
+        grbm = GaussianRBM(visible, hidden).to(dtype)
+    grbm.load_state_dict(tensors["model"])
+    return grbm
 
 
 def _fmt(values, digits=3):
@@ -96,15 +118,19 @@ def _fmt(values, digits=3):
     return f"{mean:.{digits}f} ± {sd:.{digits}f}{note}"
 
 
-def run_table(title, train, test, visible, hidden, sigma, lr, iterations, seeds, out_dir, quick,
-              plot=None):
+def run_table(title, train, test, visible, hidden, sigma, lr, iterations, seeds, store, plot=None):
+    """Every method of :func:`method_factories` for every seed, each a run of
+    ``store`` (a :class:`~pyro_ebm.experiments._runs.RunStore`): the Markdown
+    table and the runs' numbers by method. ``plot(grbm, name, ll)`` gets the first
+    seed's trained model of each method that did not diverge."""
     factories = method_factories(sigma, lr, visible, hidden)
     results = {name: [] for name in factories}
     for name, factory in factories.items():
         for seed in seeds:
-            r = train_one(name, factory, train, test, visible, hidden, iterations, seed)
+            r, tensors = store.run(f"{name} seed {seed}", train_one,
+                                      name, factory, train, test, visible, hidden, iterations, seed, store)
             if plot is not None and seed == seeds[0] and r["diverged"] is None:
-                plot(r["model"], name, r["ll"])
+                plot(trained_model(tensors, visible, hidden, train.dtype), name, r["ll"])
             results[name].append(r)
     lines = [
         f"### {title}",

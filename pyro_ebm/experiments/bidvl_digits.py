@@ -47,6 +47,7 @@ from ..infer import BiDVL, MCMCTeaching
 from ..metrics import auroc, frechet_distance
 from ..models import GaussianDecoder
 from ..models.nets import MLP
+from ._runs import OptimState, RunStore
 
 LATENT = 16
 DECODER_SCALE = 0.1
@@ -190,16 +191,37 @@ def evaluate(method, obj, x_test, ood):
     return out, samples
 
 
-def train(method, seed, x_train, iterations):
+def train(method, seed, x_train, iterations, store=None):
     """Train one method for ``iterations`` steps of batch 100; returns the trained
-    object and the wall time per iteration in seconds."""
+    object and the wall time per iteration in seconds (the first step, which
+    validates the models, is not timed). With ``store`` (a
+    :class:`~pyro_ebm.experiments._runs.RunStore`, inside one of its runs) the
+    training is checkpointed and resumable."""
     obj = {"BiDVL": make_bidvl, "MCMC teaching": make_teaching, "VAE": make_vae}[method](seed)
     stream = datasets.batches(x_train, BATCH, seed=seed, drop_last=True)
+    if store is not None:
+        if method == "VAE":
+            state, modules = OptimState(obj.optim), (obj.model, obj.guide)
+        elif method == "BiDVL":
+            state, modules = obj, (obj.energy_model, obj.decoder_model, obj.encoder_guide)
+        else:
+            state, modules = obj, (obj.energy_model, obj.vae_model, obj.vae_guide)
+        _, seconds = store.train(method, state, stream, iterations, step=lambda i, v: obj.step(v),
+                                 modules=modules, desc=f"{method} seed {seed}", time_from=1)
+        return obj, seconds / max(iterations - 1, 1)
     obj.step(next(stream))  # the first step validates the models: not timed
     start = time.perf_counter()
     for _, v in zip(range(iterations - 1), stream, strict=False):
         obj.step(v)
     return obj, (time.perf_counter() - start) / max(iterations - 1, 1)
+
+
+def _one_run(method, seed, x_train, iterations, x_test, ood, store):
+    """One method and seed: train, evaluate; its numbers and the samples of the figure."""
+    obj, per_iter = train(method, seed, x_train, iterations, store)
+    torch.manual_seed(1000 + seed)
+    metrics, drawn = evaluate(method, obj, x_test, ood)
+    return {"metrics": metrics, "per_iter": per_iter}, {"samples": drawn[:16].clone()}
 
 
 # -- report -----------------------------------------------------------------------
@@ -237,7 +259,7 @@ def _figure(samples, x_test, path):
     plt.close(fig)
 
 
-def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
+def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2), resume: bool = False) -> str:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = tuple(seeds)[:1] if quick else tuple(seeds)
@@ -250,15 +272,16 @@ def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small networks: Pyro's overhead dominates, threads only contend
     try:
+        store = RunStore(out_dir, resume, {"experiment": "bidvl-digits", "quick": quick,
+                                           "iterations": iterations})
         results, times, samples = {m: [] for m in METHODS}, {m: [] for m in METHODS}, {}
         for method in METHODS:
             for seed in seeds:
-                obj, per_iter = train(method, seed, x_train, iterations[method])
-                torch.manual_seed(1000 + seed)
-                metrics, drawn = evaluate(method, obj, x_test, ood)
-                results[method].append(metrics)
-                times[method].append(per_iter)
-                samples.setdefault(method, drawn)
+                numbers, drawn = store.run(f"{method} seed {seed}", _one_run,
+                    method, seed, x_train, iterations[method], x_test, ood, store)
+                results[method].append(numbers["metrics"])
+                times[method].append(numbers["per_iter"])
+                samples.setdefault(method, drawn["samples"])
         with torch.no_grad():
             ref = frechet_distance(digits_features(x_train[: len(x_test)]), digits_features(x_test))
     finally:

@@ -57,6 +57,7 @@ from ..infer import MDSM, BiSM
 from ..metrics import frechet_distance
 from ..models.deep import DeepEBLVM
 from ..models.nets import MLP
+from ._runs import RunStore
 
 LATENT = 16
 WIDTH = 128
@@ -92,11 +93,17 @@ def build(seed, width=WIDTH, lr=LR):
     return model, guide, bism
 
 
-def train(seed, x_train, iterations, width=WIDTH):
-    """Train for ``iterations`` steps; returns model, guide and the upper losses."""
+def train(seed, x_train, iterations, width=WIDTH, store=None):
+    """Train for ``iterations`` steps; returns model, guide and the upper losses.
+    With ``store`` (a :class:`~pyro_ebm.experiments._runs.RunStore`, inside one
+    of its runs) the training is checkpointed and resumable."""
     model, guide, bism = build(seed, width)
     stream = datasets.batches(x_train, BATCH, seed=seed, drop_last=True)
-    losses = [bism.step(v) for _, v in zip(range(iterations), stream, strict=False)]
+    if store is None:
+        losses = [bism.step(v) for _, v in zip(range(iterations), stream, strict=False)]
+    else:
+        losses, _ = store.train("bism", bism, stream, iterations, modules=(model, guide),
+                                desc=f"BiMDSM seed {seed}")
     return model, guide, losses
 
 
@@ -161,7 +168,7 @@ def _grid(images, path, rows=10, title=None):
     plt.close(fig)
 
 
-def run(out_dir: Path, quick: bool = False, seeds=(0,)) -> str:
+def run(out_dir: Path, quick: bool = False, seeds=(0,), resume: bool = False) -> str:
     torch.set_num_threads(1)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,26 +187,37 @@ def run(out_dir: Path, quick: bool = False, seeds=(0,)) -> str:
         "uniform noise (reference)": frechet_distance(
             digits_features(torch.rand(n, 64, generator=g, dtype=x_test.dtype)), test_features),
     }
+    store = RunStore(out_dir, resume, {"experiment": "deep-eblvm-digits", "quick": quick,
+                                       "iterations": iterations})
     rows = []
     for seed in seeds:
-        start = time.perf_counter()
-        model, guide, losses = train(seed, x_train, iterations, width)
-        train_s = time.perf_counter() - start
-        torch.manual_seed(1000 + seed)
-        start = time.perf_counter()
-        joint = sample_joint(model, n, steps_per_level=steps_per_level, like=x_train)
-        cond_idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:n]
-        cond = sample_conditional(model, guide, x_train[cond_idx], steps_per_level=steps_per_level)
-        sample_s = time.perf_counter() - start
-        rows.append({"seed": seed, "joint": fd_to(joint, test_features), "cond": fd_to(cond, test_features),
-                     "first": sum(losses[:50]) / len(losses[:50]),
-                     "last": sum(losses[-50:]) / len(losses[-50:]),
-                     "train_s": train_s, "sample_s": sample_s})
+        row, shown = store.run(f"seed {seed}", _one_seed,
+            seed, x_train, iterations, width, n, steps_per_level, test_features, store)
+        rows.append(row)
         if seed == seeds[0]:
-            _grid(joint, out_dir / "deep_eblvm_joint.png", title="joint (v, h) annealed Langevin")
-            _grid(cond, out_dir / "deep_eblvm_conditional.png", title="v | h = q-mean of a TRAIN image")
-            _grid(x_train[cond_idx], out_dir / "deep_eblvm_conditioning_images.png", title="TRAIN images")
+            _grid(shown["joint"], out_dir / "deep_eblvm_joint.png", title="joint (v, h) annealed Langevin")
+            _grid(shown["cond"], out_dir / "deep_eblvm_conditional.png",
+                  title="v | h = q-mean of a TRAIN image")
+            _grid(x_train[shown["cond_idx"]], out_dir / "deep_eblvm_conditioning_images.png",
+                  title="TRAIN images")
     return _markdown(rows, reference, iterations, steps_per_level, n, quick)
+
+
+def _one_seed(seed, x_train, iterations, width, n, steps_per_level, test_features, store):
+    """One seed's run: train, sample, score; its numbers and its samples."""
+    start = time.perf_counter()
+    model, guide, losses = train(seed, x_train, iterations, width, store)
+    train_s = time.perf_counter() - start
+    torch.manual_seed(1000 + seed)
+    start = time.perf_counter()
+    joint = sample_joint(model, n, steps_per_level=steps_per_level, like=x_train)
+    cond_idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:n]
+    cond = sample_conditional(model, guide, x_train[cond_idx], steps_per_level=steps_per_level)
+    sample_s = time.perf_counter() - start
+    row = {"seed": seed, "joint": fd_to(joint, test_features), "cond": fd_to(cond, test_features),
+           "first": sum(losses[:50]) / len(losses[:50]), "last": sum(losses[-50:]) / len(losses[-50:]),
+           "train_s": train_s, "sample_s": sample_s}
+    return row, {"joint": joint, "cond": cond, "cond_idx": cond_idx}
 
 
 def _markdown(rows, reference, iterations, steps_per_level, n, quick):

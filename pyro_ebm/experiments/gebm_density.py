@@ -22,6 +22,7 @@ import torch
 from ..infer import KALE
 from ..models import GEBM
 from ..models.nets import MLP, RealNVP
+from ._runs import RunStore
 
 
 def wine_splits(split_seed: int = 0):
@@ -97,33 +98,24 @@ def _mean_se(t):
     return float(t.mean()), float(t.std() / math.sqrt(len(t)))
 
 
-def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
+def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2), resume: bool = False) -> str:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = tuple(seeds)[:1] if quick else tuple(seeds)
     mle_iters, kale_iters, every = (20, 20, 10) if quick else (1500, 1500, 50)
     base_samples, final_samples = (2000, 2000) if quick else (20_000, 200_000)
-    start = time.perf_counter()
+    store = RunStore(out_dir, resume, {"experiment": "gebm-density", "quick": quick})
     train, val, test = wine_splits()
-    rows, curves, items = [], [], None
+    rows, curves, items, wall = [], [], None, 0.0
     for seed in seeds:
-        flow = fit_flow(train, val, seed, mle_iters, every)
-        with torch.no_grad():
-            base_lp = flow.log_prob(test)
-        gebm, curve = fit_energy(flow, train, val, seed, kale_iters, every, base_samples)
-        torch.manual_seed(10_000 + seed)
-        gebm_lp, log_z, z_se = gebm_log_likelihood(gebm, test, final_samples)
-        base_nll = _mean_se(-base_lp)
-        gebm_mean, gebm_item_se = _mean_se(-gebm_lp)
-        gebm_nll = (gebm_mean + log_z, math.sqrt(gebm_item_se**2 + z_se**2))
-        diff_mean, diff_se = _mean_se(-gebm_lp - (-base_lp))
-        diff = (diff_mean + log_z, math.sqrt(diff_se**2 + z_se**2))
-        rows.append((seed, base_nll, gebm_nll, diff, log_z, z_se))
-        curves.append((seed, -float(flow.log_prob(val).mean()), curve))
+        numbers, tensors = store.run(f"seed {seed}", _one_seed,
+            seed, train, val, test, mle_iters, kale_iters, every, base_samples, final_samples)
+        rows.append(tuple(numbers["row"]))
+        curves.append((seed, numbers["base_val"], [tuple(c) for c in numbers["curve"]]))
         if items is None:
-            items = (-base_lp, -(gebm_lp - log_z))
-        print(f"[gebm-density] seed {seed} done at {time.perf_counter() - start:.0f} s", flush=True)
-    wall = time.perf_counter() - start
+            items = (tensors["base"], tensors["gebm"])
+        wall += numbers["seconds"]  # the runs' own times, so that a resumed report adds them up
+        print(f"[gebm-density] seed {seed} done at {wall:.0f} s", flush=True)
     _figure(curves, items, out_dir / "gebm_density.png")
 
     lines = [
@@ -162,6 +154,26 @@ def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
         f"`gebm_density.png`: validation NLL during KALE, and per-item test NLL. Wall time {wall:.0f} s.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _one_seed(seed, train, val, test, mle_iters, kale_iters, every, base_samples, final_samples):
+    """One seed: the base by maximum likelihood, the GEBM's energy by KALE, their
+    test NLLs; the per-item test NLLs (for the figure)."""
+    start = time.perf_counter()
+    flow = fit_flow(train, val, seed, mle_iters, every)
+    with torch.no_grad():
+        base_lp = flow.log_prob(test)
+    gebm, curve = fit_energy(flow, train, val, seed, kale_iters, every, base_samples)
+    torch.manual_seed(10_000 + seed)
+    gebm_lp, log_z, z_se = gebm_log_likelihood(gebm, test, final_samples)
+    base_nll = _mean_se(-base_lp)
+    gebm_mean, gebm_item_se = _mean_se(-gebm_lp)
+    gebm_nll = (gebm_mean + log_z, math.sqrt(gebm_item_se**2 + z_se**2))
+    diff_mean, diff_se = _mean_se(-gebm_lp - (-base_lp))
+    diff = (diff_mean + log_z, math.sqrt(diff_se**2 + z_se**2))
+    numbers = {"row": (seed, base_nll, gebm_nll, diff, log_z, z_se), "curve": curve,
+               "base_val": -float(flow.log_prob(val).mean()), "seconds": time.perf_counter() - start}
+    return numbers, {"base": (-base_lp).detach().clone(), "gebm": (-(gebm_lp - log_z)).detach().clone()}
 
 
 def _figure(curves, items, path):

@@ -26,6 +26,7 @@ from .. import mcmc, metrics
 from ..infer import KALE
 from ..models import GEBM
 from ..models.nets import MLP
+from ._runs import RunStore
 
 BANDWIDTHS = (0.05, 0.1, 0.2)
 
@@ -44,7 +45,7 @@ def curve_data(n: int, seed: int) -> torch.Tensor:
 def train_curve_gebm(train, iterations, seed, batch_size=256, lr=5e-4, penalty=1e-2, warmup=100):
     """A GEBM (1-D latent, MLP generator and energy) trained by KALE on ``train``."""
     torch.manual_seed(seed)
-    gebm = GEBM(MLP(1, 2, (64, 64)), MLP(2, 1, (64, 64)), latent_dim=1)
+    gebm = curve_gebm()
 
     def adam():
         return pyro.optim.Adam({"lr": lr, "betas": (0.5, 0.9)})
@@ -81,34 +82,55 @@ def latent_samples(gebm, kernel, n, steps):
         return gebm.generator(chains.get_samples()["z"][:, -1, 0])  # (chain, draw, 1, latent_dim)
 
 
-def low_dimension(out_dir, quick, seeds):
+def curve_gebm():
+    """A GEBM with a 1-D latent, MLP generator and energy (64-64)."""
+    return GEBM(MLP(1, 2, (64, 64)), MLP(2, 1, (64, 64)), latent_dim=1)
+
+
+def low_dimension(out_dir, quick, seeds, store):
     n_eval = 150 if quick else 2000
     iterations = 10 if quick else 2000
     test = curve_data(n_eval, seed=1000)
     train = curve_data(20000, seed=999)
     rows = {"base (generator)": []}
-    kale_final = []
+    kale_final, seconds = [], 0.0
     shown = None
     for seed in seeds:
-        start = time.perf_counter()
-        gebm, history = train_curve_gebm(train, iterations, seed, warmup=10 if quick else 100)
-        kale_final.append(sum(history[-50:]) / len(history[-50:]))
-        torch.manual_seed(seed)
-        base = gebm.sample_base(n_eval)
-        rows["base (generator)"].append(1e3 * float(metrics.mmd(base, test, bandwidths=BANDWIDTHS)))
-        drawn = {}
-        for name, (kernel, steps) in samplers(quick).items():
-            x = latent_samples(gebm, kernel, n_eval, steps)
-            drawn[name] = x
-            rows.setdefault(f"GEBM, latent {name}", []).append(
-                1e3 * float(metrics.mmd(x, test, bandwidths=BANDWIDTHS)))
+        numbers, tensors = store.run(f"curve seed {seed}", _curve_seed,
+            seed, train, test, iterations, n_eval, quick)
+        kale_final.append(numbers["kale_final"])
+        for name, value in numbers["mmd"].items():
+            rows.setdefault(name, []).append(value)
+        seconds += numbers["seconds"]
         if shown is None:
-            shown = (gebm, base, drawn)
-        print(f"[gebm-toy] seed {seed}: trained and sampled in {time.perf_counter() - start:.0f} s",
-              flush=True)
+            with torch.random.fork_rng(devices=[]):
+                gebm = curve_gebm()
+            gebm.load_state_dict(tensors["gebm"])
+            shown = (gebm, tensors["base"], tensors["drawn"])
+        print(f"[gebm-toy] seed {seed}: trained and sampled in {numbers['seconds']:.0f} s", flush=True)
     floor = 1e3 * float(metrics.mmd(train[:n_eval], test, bandwidths=BANDWIDTHS))
     _curve_figure(shown, test, Path(out_dir) / "gebm_toy_samples.png")
-    return rows, floor, kale_final
+    return rows, floor, kale_final, seconds
+
+
+def _curve_seed(seed, train, test, iterations, n_eval, quick):
+    """One seed of the low-dimension claim: MMDs of the base and each sampler; the
+    trained GEBM and the samples (for the figure)."""
+    start = time.perf_counter()
+    gebm, history = train_curve_gebm(train, iterations, seed, warmup=10 if quick else 100)
+    kale_final = sum(history[-50:]) / len(history[-50:])
+    torch.manual_seed(seed)
+    base = gebm.sample_base(n_eval)
+    mmds = {"base (generator)": 1e3 * float(metrics.mmd(base, test, bandwidths=BANDWIDTHS))}
+    drawn = {}
+    for name, (kernel, steps) in samplers(quick).items():
+        x = latent_samples(gebm, kernel, n_eval, steps)
+        drawn[name] = x
+        mmds[f"GEBM, latent {name}"] = 1e3 * float(metrics.mmd(x, test, bandwidths=BANDWIDTHS))
+    numbers = {"kale_final": kale_final, "mmd": mmds, "seconds": time.perf_counter() - start}
+    tensors = {"gebm": {k: v.detach().clone() for k, v in gebm.state_dict().items()},
+               "base": base.detach().clone(), "drawn": {k: v.detach().clone() for k, v in drawn.items()}}
+    return numbers, tensors
 
 
 class RingModes(nn.Module):
@@ -156,7 +178,7 @@ def modes_visited(z, centers, core):
     return (d < core).any(1).sum(-1).float()
 
 
-def mode_hopping(out_dir, quick, seeds):
+def mode_hopping(out_dir, quick, seeds, store):
     """ULA vs underdamped Langevin, same number of gradient evaluations; step
     sizes by one accuracy rule: ULA h = 0.1 s^2 (stationary variance of a
     Gaussian of width s off by 5 %), underdamped h = s / 2 (a quarter of its
@@ -166,7 +188,7 @@ def mode_hopping(out_dir, quick, seeds):
         "4 thin modes on a ring (s = 0.1, barrier 3 nats)": (RingModes(), 0.1, 2.0 * math.sin(math.pi / 8)),
         "4 round modes (s = 0.5, barrier 5.4 nats)": (GaussianModes(), 0.5, 1.0),
     }
-    table, traces = [], {}
+    table, traces, seconds = [], {}, 0.0
     for setting, (energy, width, core) in settings.items():
         gebm = GEBM(nn.Identity(), energy, latent_dim=2)
         kernels = {"ULA": mcmc.ULA(0.1 * width**2),
@@ -174,16 +196,28 @@ def mode_hopping(out_dir, quick, seeds):
         for name, kernel in kernels.items():
             visited, rhat = [], []
             for seed in seeds:
-                torch.manual_seed(seed)
-                samples = mcmc.sample(gebm, kernel, num_chains=chains, num_samples=steps, model_args=(1,),
-                                      progress=False)
-                z = samples.get_samples()["z"][:, :, 0]
-                visited.append(float(modes_visited(z, energy.centers(), core).mean()))
-                rhat.append(float(samples.summary(kind="diagnostics")["r_hat"].max()))
-                traces.setdefault((setting, name), z[:4])
+                numbers, z = store.run(f"hopping {setting} {name} seed {seed}", _hop,
+                    gebm, kernel, energy, core, chains, steps, seed)
+                visited.append(numbers["visited"])
+                rhat.append(numbers["rhat"])
+                seconds += numbers["seconds"]
+                traces.setdefault((setting, name), z["z"])
             table.append((setting, name, visited, rhat))
     _hopping_figure(traces, settings, Path(out_dir) / "gebm_mode_hopping.png")
-    return table, chains, steps
+    return table, chains, steps, seconds
+
+
+def _hop(gebm, kernel, energy, core, chains, steps, seed):
+    """One sampler and seed on one posterior: modes visited per chain, the largest
+    R-hat, and four chains' traces (for the figure)."""
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    samples = mcmc.sample(gebm, kernel, num_chains=chains, num_samples=steps, model_args=(1,), progress=False)
+    z = samples.get_samples()["z"][:, :, 0]
+    numbers = {"visited": float(modes_visited(z, energy.centers(), core).mean()),
+               "rhat": float(samples.summary(kind="diagnostics")["r_hat"].max()),
+               "seconds": time.perf_counter() - start}
+    return numbers, {"z": z[:4].clone()}
 
 
 def _fmt(values, digits=1):
@@ -193,14 +227,14 @@ def _fmt(values, digits=1):
     return f"{float(t.mean()):.{digits}f} ± {float(t.std()):.{digits}f}"
 
 
-def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
+def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2), resume: bool = False) -> str:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = tuple(seeds)[:1] if quick else tuple(seeds)
-    start = time.perf_counter()
-    rows, floor, kale_final = low_dimension(out_dir, quick, seeds)
-    hop_table, chains, steps = mode_hopping(out_dir, quick, seeds)
-    wall = time.perf_counter() - start
+    store = RunStore(out_dir, resume, {"experiment": "gebm-toy", "quick": quick})
+    rows, floor, kale_final, curve_s = low_dimension(out_dir, quick, seeds, store)
+    hop_table, chains, steps, hop_s = mode_hopping(out_dir, quick, seeds, store)
+    wall = curve_s + hop_s  # the runs' own times, so that a resumed report adds them up
 
     base = torch.tensor(rows["base (generator)"])
     lines = [

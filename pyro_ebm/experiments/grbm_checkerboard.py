@@ -13,6 +13,7 @@ import torch
 
 from .. import datasets
 from ._grbm_table import run_table
+from ._runs import RunStore
 
 
 def _grid_figure(panels, data, path):
@@ -45,14 +46,17 @@ def _grid_figure(panels, data, path):
     plt.close(fig)
 
 
-def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
-    seeds = seeds[:1] if quick else seeds
+def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2), resume: bool = False) -> str:
+    seeds = tuple(seeds)[:1] if quick else tuple(seeds)
+    iterations = 5 if quick else 5000
+    store = RunStore(out_dir, resume, {"experiment": "grbm-checkerboard", "quick": quick,
+                                       "iterations": iterations})
     train = datasets.toy("checkerboard", 2000 if quick else 20000, seed=100)
     test = datasets.toy("checkerboard", 1000 if quick else 10000, seed=101)
     panels = []
     table, _ = run_table(
         "GaussianRBM on the checkerboard", train, test, visible=2, hidden=4, sigma=0.05, lr=1e-3,
-        iterations=5 if quick else 5000, seeds=seeds, out_dir=out_dir, quick=quick,
+        iterations=iterations, seeds=seeds, store=store,
         plot=lambda grbm, name, ll: panels.append((name, grbm, ll)),
     )
     figure = Path(out_dir) / "grbm_checkerboard.png"

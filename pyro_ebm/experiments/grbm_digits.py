@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import datasets
 from ._grbm_table import run_table
+from ._runs import RunStore
 
 
 def _bar_figure(results, path):
@@ -37,14 +38,16 @@ def _bar_figure(results, path):
     plt.close(fig)
 
 
-def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
-    seeds = seeds[:1] if quick else seeds
+def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2), resume: bool = False) -> str:
+    seeds = tuple(seeds)[:1] if quick else tuple(seeds)
+    iterations = 5 if quick else 5000
+    store = RunStore(out_dir, resume, {"experiment": "grbm-digits", "quick": quick, "iterations": iterations})
     train, test = datasets.digits("train"), datasets.digits("test")
     if quick:
         train, test = train[:300], test[:100]
     table, results = run_table(
         "GaussianRBM on scikit-learn digits", train, test, visible=64, hidden=16, sigma=0.3, lr=2e-4,
-        iterations=5 if quick else 5000, seeds=seeds, out_dir=out_dir, quick=quick,
+        iterations=iterations, seeds=seeds, store=store,
     )
     figure = Path(out_dir) / "grbm_digits.png"
     _bar_figure(results, figure)

@@ -53,6 +53,7 @@ from ..features import digits_classifier, digits_features
 from ..infer import MCMCTeaching
 from ..metrics import frechet_distance, mmd
 from ..models.nets import MLP
+from ._runs import OptimState, RunStore
 
 LATENT = 16
 HIDDEN = 256
@@ -145,39 +146,56 @@ def _batches(data, seed, iterations):
 
 
 
-def train_teaching(seed, x_train, iterations, y_train=None, progress=None):
+def train_teaching(seed, x_train, iterations, y_train=None, progress=None, store=None, name="teaching"):
+    """MCMC teaching of a fresh energy and VAE; with ``store`` (a
+    :class:`~pyro_ebm.experiments._runs.RunStore`, inside one of its runs) the
+    training is checkpointed under ``name`` and resumable."""
     energy, vae = build(seed, 10 if y_train is not None else None)
     teaching = MCMCTeaching(energy, vae.model, vae.guide, ebm_optim(), vae_optim(), kernel=kernel(),
                             num_langevin_steps=LANGEVIN_STEPS, energy_penalty=ENERGY_PENALTY)
     data = x_train if y_train is None else (x_train, y_train)
-    for i, batch in enumerate(_batches(data, seed, iterations)):
+
+    def step(i, batch):
         teaching.step(*(batch if y_train is not None else (batch,)))
         if progress is not None:
             progress(i, teaching.last_losses)
+
+    _loop(store, name, teaching, _batches(data, seed, iterations), iterations, step, (energy, vae))
     return teaching
 
 
-def train_vae(seed, x_train, iterations):
+def _loop(store, name, state, batches, iterations, step, modules):
+    """``step(i, batch)`` over ``batches``: plainly, or checkpointed in ``store``."""
+    if store is None:
+        for i, batch in enumerate(batches):
+            step(i, batch)
+    else:
+        store.train(name, state, batches, iterations, step=step, modules=modules, desc=f"{name}")
+
+
+def train_vae(seed, x_train, iterations, store=None):
     _, vae = build(seed)
     svi = pyro.infer.SVI(vae.model, vae.guide, vae_optim(), pyro.infer.Trace_ELBO())
-    for batch in _batches(x_train, seed, iterations):
-        svi.step(batch)
+    _loop(store, "VAE alone", OptimState(svi.optim), _batches(x_train, seed, iterations), iterations,
+          lambda i, batch: svi.step(batch), (vae,))
     return vae
 
 
-def train_short_run(seed, x_train, iterations):
+def train_short_run(seed, x_train, iterations, store=None):
     """The EBM learned from K-step ULA chains started at uniform noise."""
     energy, _ = build(seed)
     sampler = mcmc.AmortizedLangevin(lambda n: torch.rand(n, 64), energy, kernel(), LANGEVIN_STEPS)
-    return short_run_ebm(sampler, ebm_optim(), x_train, iterations, seed, BATCH, ENERGY_PENALTY)
+    return short_run_ebm(sampler, ebm_optim(), x_train, iterations, seed, BATCH, ENERGY_PENALTY, store=store)
 
 
-def short_run_ebm(sampler, optim, x_train, iterations, seed, batch_size, energy_penalty=0.0):
+def short_run_ebm(sampler, optim, x_train, iterations, seed, batch_size, energy_penalty=0.0, store=None):
     """Maximum likelihood with the K-step chains of ``sampler`` (an
     :class:`~pyro_ebm.mcmc.AmortizedLangevin` from noise: Nijkamp et al.'s
-    short-run EBM), one step of the pyro.optim ``optim`` per batch."""
+    short-run EBM), one step of the pyro.optim ``optim`` per batch; checkpointed
+    in ``store`` when given."""
     stream = datasets.batches(x_train, batch_size, seed=seed, drop_last=True)
-    for i, batch in enumerate(itertools.islice(stream, iterations)):
+
+    def step(i, batch):
         x_rev = sampler.sample(len(batch))
         params = set()
         with collect_params(params):
@@ -189,6 +207,9 @@ def short_run_ebm(sampler, optim, x_train, iterations, seed, batch_size, energy_
         loss.backward()
         optim(params)
         zero_grads(params)
+
+    _loop(store, "short-run EBM", OptimState(optim), itertools.islice(stream, iterations), iterations, step,
+          (sampler.energy_model,))
     return sampler
 
 
@@ -264,7 +285,7 @@ def _figures(samples, x_test, cond, out_dir):
         plt.close(fig)
 
 
-def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
+def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2), resume: bool = False) -> str:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = tuple(seeds)[:1] if quick else tuple(seeds)
@@ -277,40 +298,61 @@ def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
     per_class = 4 if quick else 36
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small networks: threads only contend on a shared CPU
+    store = RunStore(out_dir, resume, {"experiment": "teaching-digits", "quick": quick,
+                                       "iterations": iterations})
     try:
         results = {r: [] for r in ROWS}
-        accuracy = {"x0": [], "x̃": []}
         seconds = {"VAE alone": [], "short-run EBM": [], "teaching": [], "conditional teaching": []}
-        shown, cond_shown = {}, None
+        shown = None
         for seed in seeds:
-            vae, t_vae = _timed(train_vae, seed, x_train, iterations)
-            short, t_short = _timed(train_short_run, seed, x_train, iterations)
-            teaching, t_teach = _timed(train_teaching, seed, x_train, iterations)
-            torch.manual_seed(1000 + seed)
-            with torch.no_grad():
-                drawn = {"VAE alone": vae.decode(torch.randn(n, LATENT))}
-            drawn["short-run EBM"] = short.sample(n)
-            x_rev, path = teaching.sample(n, return_trajectory=True)
-            drawn["teaching, VAE (x0)"], drawn["teaching, revised (x̃)"] = path[:, 0], x_rev
+            numbers, drawn = store.run(f"seed {seed}", _one_seed,
+                seed, x_train, x_test, iterations, store)
             for row in ROWS:
-                results[row].append(sample_quality(drawn[row], x_test))
-            for key, t in zip(seconds, (t_vae, t_short, t_teach), strict=False):
-                seconds[key].append(t / iterations)
-            if not shown:
+                results[row].append(numbers["quality"][row])
+            for key, t in numbers["seconds"].items():
+                seconds[key].append(t)
+            if shown is None:
                 shown = drawn
         # the conditional variant: the first seed only (it costs as much as teaching)
-        cond, t_cond = _timed(train_teaching, seeds[0], x_train, iterations, y_train)
-        seconds["conditional teaching"].append(t_cond / iterations)
-        y, x0, x = conditional_samples(cond, per_class)
-        accuracy["x0"].append(class_accuracy(x0, y))
-        accuracy["x̃"].append(class_accuracy(x, y))
-        cond_shown = (y, x0, x)
+        numbers, cond_shown = store.run(f"conditional seed {seeds[0]}", _conditional,
+            seeds[0], x_train, y_train, iterations, per_class, store)
+        seconds["conditional teaching"].append(numbers["seconds"])
+        accuracy = {"x0": [numbers["x0"]], "x̃": [numbers["x̃"]]}
+        cond_shown = (cond_shown["y"], cond_shown["x0"], cond_shown["x"])
         with torch.no_grad():
             reference = sample_quality(x_train[:n], x_test)
     finally:
         torch.set_num_threads(threads)
     _figures(shown, x_test, cond_shown, out_dir)
     return _report(results, accuracy, seconds, reference, seeds, iterations, n, per_class)
+
+
+def _one_seed(seed, x_train, x_test, iterations, store):
+    """One seed's run: the three methods trained and sampled; the samples' quality,
+    the training cost per iteration and the samples."""
+    n = len(x_test)
+    vae, t_vae = _timed(train_vae, seed, x_train, iterations, store)
+    short, t_short = _timed(train_short_run, seed, x_train, iterations, store)
+    teaching, t_teach = _timed(train_teaching, seed, x_train, iterations, None, None, store)
+    torch.manual_seed(1000 + seed)
+    with torch.no_grad():
+        drawn = {"VAE alone": vae.decode(torch.randn(n, LATENT))}
+    drawn["short-run EBM"] = short.sample(n)
+    x_rev, path = teaching.sample(n, return_trajectory=True)
+    drawn["teaching, VAE (x0)"], drawn["teaching, revised (x̃)"] = path[:, 0], x_rev
+    quality = {row: sample_quality(drawn[row], x_test) for row in ROWS}
+    seconds = {"VAE alone": t_vae / iterations, "short-run EBM": t_short / iterations,
+               "teaching": t_teach / iterations}
+    return {"quality": quality, "seconds": seconds}, {k: v.detach().clone() for k, v in drawn.items()}
+
+
+def _conditional(seed, x_train, y_train, iterations, per_class, store):
+    """The conditional variant's run: its class accuracies and samples."""
+    cond, t_cond = _timed(train_teaching, seed, x_train, iterations, y_train, None, store,
+                          "conditional teaching")
+    y, x0, x = conditional_samples(cond, per_class)
+    numbers = {"x0": class_accuracy(x0, y), "x̃": class_accuracy(x, y), "seconds": t_cond / iterations}
+    return numbers, {"y": y, "x0": x0.detach().clone(), "x": x.detach().clone()}
 
 
 def _report(results, accuracy, seconds, reference, seeds, iterations, n, per_class):

@@ -37,7 +37,8 @@ from .. import datasets, mcmc
 from ..infer import MCMCTeaching
 from ..metrics import mmd
 from ..models.nets import MLP
-from .teaching_digits import short_run_ebm
+from ._runs import OptimState, RunStore
+from .teaching_digits import _loop, short_run_ebm
 
 LATENT = 2
 HIDDEN = 128
@@ -112,28 +113,29 @@ def _batches(x, seed, iterations):
     return itertools.islice(datasets.batches(x, BATCH, seed=seed, drop_last=True), iterations)
 
 
-def train_teaching(seed, x_train, iterations):
+def train_teaching(seed, x_train, iterations, store=None):
     energy, vae = build(seed)
     teaching = MCMCTeaching(energy, vae.model, vae.guide, ebm_optim(), vae_optim(),
                             kernel=mcmc.ULA(STEP_SIZE), num_langevin_steps=LANGEVIN_STEPS,
                             energy_penalty=ENERGY_PENALTY)
-    for batch in _batches(x_train, seed, iterations):
-        teaching.step(batch)
+    _loop(store, "teaching", teaching, _batches(x_train, seed, iterations), iterations,
+          lambda i, batch: teaching.step(batch), (energy, vae))
     return teaching, energy
 
 
-def train_vae(seed, x_train, iterations):
+def train_vae(seed, x_train, iterations, store=None):
     _, vae = build(seed)
     svi = pyro.infer.SVI(vae.model, vae.guide, vae_optim(), pyro.infer.Trace_ELBO())
-    for batch in _batches(x_train, seed, iterations):
-        svi.step(batch)
+    _loop(store, "VAE alone", OptimState(svi.optim), _batches(x_train, seed, iterations), iterations,
+          lambda i, batch: svi.step(batch), (vae,))
     return vae
 
 
-def train_short_run(seed, x_train, iterations):
+def train_short_run(seed, x_train, iterations, store=None):
     energy, _ = build(seed)
     sampler = mcmc.AmortizedLangevin(noise, energy, mcmc.ULA(STEP_SIZE), LANGEVIN_STEPS)
-    return short_run_ebm(sampler, ebm_optim(), x_train, iterations, seed, BATCH, ENERGY_PENALTY), energy
+    trained = short_run_ebm(sampler, ebm_optim(), x_train, iterations, seed, BATCH, ENERGY_PENALTY, store)
+    return trained, energy
 
 
 def mode_stats(x):
@@ -189,7 +191,7 @@ def _cell(values, digits=2):
     return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
-def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
+def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2), resume: bool = False) -> str:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = tuple(seeds)[:1] if quick else tuple(seeds)
@@ -198,35 +200,56 @@ def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2)) -> str:
     x_test = datasets.toy("8gaussians", n, seed=10_000)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    store = RunStore(out_dir, resume, {"experiment": "teaching-toy", "quick": quick,
+                                       "iterations": iterations})
     try:
         results, seconds = {r: [] for r in ROWS}, {"VAE alone": [], "short-run EBM": [], "teaching": []}
-        shown = energies = None
+        shown = None
         for seed in seeds:
-            x_train = datasets.toy("8gaussians", 5000, seed=seed)
-            start = time.perf_counter()
-            vae = train_vae(seed, x_train, iterations)
-            seconds["VAE alone"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            short, short_energy = train_short_run(seed, x_train, iterations)
-            seconds["short-run EBM"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            teaching, teach_energy = train_teaching(seed, x_train, iterations)
-            seconds["teaching"].append(time.perf_counter() - start)
-            torch.manual_seed(1000 + seed)
-            with torch.no_grad():
-                drawn = {"VAE alone": vae.decoder(torch.randn(n, LATENT))}
-            drawn["short-run EBM"] = short.sample(n)
-            x_rev, path = teaching.sample(n, return_trajectory=True)
-            drawn["teaching, VAE (x0)"], drawn["teaching, revised (x̃)"] = path[:, 0], x_rev
+            numbers, drawn = store.run(f"seed {seed}", _one_seed,
+                seed, x_test, iterations, n, store)
             for row in ROWS:
-                results[row].append(quality(drawn[row], x_test))
+                results[row].append(numbers["quality"][row])
+            for key, t in numbers["seconds"].items():
+                seconds[key].append(t)
             if shown is None:
-                shown, energies = drawn, {"teaching": teach_energy, "short-run": short_energy}
+                shown = drawn
         reference = quality(datasets.toy("8gaussians", n, seed=20_000), x_test)
     finally:
         torch.set_num_threads(threads)
-    _figure(shown, energies, x_test, out_dir / "teaching_toy.png")
+    with torch.random.fork_rng(devices=[]):
+        energies = {}
+        for name in ("teaching", "short-run"):
+            energies[name] = ToyEnergy()
+            energies[name].load_state_dict(shown["energies"][name])
+    _figure(shown["samples"], energies, x_test, out_dir / "teaching_toy.png")
     return _report(results, seconds, reference, seeds, iterations, n)
+
+
+def _one_seed(seed, x_test, iterations, n, store):
+    """One seed's run: the three methods trained and sampled; the samples' quality,
+    the training times, and (for the figure) the samples and the two energies."""
+    x_train = datasets.toy("8gaussians", 5000, seed=seed)
+    start = time.perf_counter()
+    vae = train_vae(seed, x_train, iterations, store)
+    seconds = {"VAE alone": time.perf_counter() - start}
+    start = time.perf_counter()
+    short, short_energy = train_short_run(seed, x_train, iterations, store)
+    seconds["short-run EBM"] = time.perf_counter() - start
+    start = time.perf_counter()
+    teaching, teach_energy = train_teaching(seed, x_train, iterations, store)
+    seconds["teaching"] = time.perf_counter() - start
+    torch.manual_seed(1000 + seed)
+    with torch.no_grad():
+        drawn = {"VAE alone": vae.decoder(torch.randn(n, LATENT))}
+    drawn["short-run EBM"] = short.sample(n)
+    x_rev, path = teaching.sample(n, return_trajectory=True)
+    drawn["teaching, VAE (x0)"], drawn["teaching, revised (x̃)"] = path[:, 0], x_rev
+    results = {row: quality(drawn[row], x_test) for row in ROWS}
+    energies = {name: {k: v.detach().clone() for k, v in e.state_dict().items()}
+                for name, e in (("teaching", teach_energy), ("short-run", short_energy))}
+    return ({"quality": results, "seconds": seconds},
+            {"samples": {k: v.detach().clone() for k, v in drawn.items()}, "energies": energies})
 
 
 def _report(results, seconds, reference, seeds, iterations, n):
