@@ -24,17 +24,15 @@ record is written.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
-import signal
-import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
+
+from ..infer.loop import DeferredInterrupt, atomic_write
+from ..infer.trainer import random_state, set_random_state
 
 RUNS = "runs"
 RECORD_FORMAT = "pyro_ebm.run/1"
@@ -50,51 +48,10 @@ def finished_runs(out_dir) -> int:
     return len(list((Path(out_dir) / RUNS).glob("*.json")))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(file)`` into a temporary file beside ``path``, flushed to disk, then
-    renamed over ``path``: a reader sees the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _plain(value):
     """``value`` as it reads back from JSON (tuples become lists), so that a fresh
     run and a loaded one feed the report the same values."""
     return json.loads(json.dumps(value))
-
-
-class _Interrupt:
-    """Defers Ctrl-C (SIGINT) to the end of the current training step; a second
-    Ctrl-C interrupts at once. Only in the main thread (where signals arrive)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
 
 
 class OptimState:
@@ -110,16 +67,14 @@ class OptimState:
         self.num_steps = 0
 
     def state_dict(self):
-        from ..infer.trainer import _rng_state
 
-        return {"optim": self.optim.get_state(), "num_steps": self.num_steps, "rng": _rng_state()}
+        return {"optim": self.optim.get_state(), "num_steps": self.num_steps, "rng": random_state()}
 
     def load_state_dict(self, state):
-        from ..infer.trainer import _set_rng_state
 
         self.optim.set_state(state["optim"])
         self.num_steps = int(state["num_steps"])
-        _set_rng_state(state["rng"])
+        set_random_state(state["rng"])
 
 
 class RunStore:
@@ -201,10 +156,10 @@ class RunStore:
         if tensors is not None:
             import torch
 
-            _atomic_write(path.with_suffix(".pt"), lambda f: torch.save(tensors, f))
+            atomic_write(path.with_suffix(".pt"), lambda f: torch.save(tensors, f))
         record = {"format": RECORD_FORMAT, "key": key, "config": self.config, "numbers": numbers,
                   "tensors": tensors is not None}
-        _atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
+        atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
         for stale in self.folder.glob(f"{self._stem(key)}.*.ckpt.pt"):
             stale.unlink()
         self.computed.append(key)
@@ -264,13 +219,13 @@ class RunStore:
             state = {"format": CHECKPOINT_FORMAT, "config": self.config, "step": done, "values": values,
                      "seconds": seconds, "trainer": trainer.state_dict(),
                      "modules": [m.state_dict() for m in modules]}
-            _atomic_write(path, lambda f: torch.save(state, f))
+            atomic_write(path, lambda f: torch.save(state, f))
 
         batches = iter(batches)
         for _ in range(start):
             next(batches)
         saved_at = start if start else None
-        with _Interrupt() as interrupt:
+        with DeferredInterrupt() as interrupt:
             for i in progress_bar(range(start, iterations), desc=desc):
                 if i == iterations - 1 and saved_at != i:
                     # a checkpoint always has a step left to run: resuming runs it, which

@@ -26,6 +26,7 @@ over its name, so a crash never leaves a half-written ``step-*.pt``; the newest
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import signal
@@ -42,7 +43,7 @@ from ..energy import DivergenceError
 from ..progress import progress_bar
 from .trainer import Trainer
 
-__all__ = ["CHECKPOINT_FORMAT", "FitResult", "fit", "load_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "DeferredInterrupt", "FitResult", "atomic_write", "fit", "load_checkpoint"]
 
 #: the ``"format"`` entry of a checkpoint file
 CHECKPOINT_FORMAT = "pyro_ebm.checkpoint/1"
@@ -126,14 +127,17 @@ def _fsync_folder(folder):
         os.close(fd)
 
 
-def _write_atomic(path, obj):
-    """``torch.save(obj)`` to ``path`` through a temporary file in the same folder:
-    flushed and fsynced, then renamed over ``path`` (atomic on POSIX and Windows),
-    so a reader sees the old file or the whole new one."""
+def atomic_write(path, write) -> None:
+    """``write(file)`` into a temporary file in ``path``'s folder (opened in binary
+    mode), flushed and fsynced, then renamed over ``path`` (atomic on POSIX and
+    Windows): a reader sees the old file or the whole new one, and a crash leaves
+    no half-written ``path``. The one way pyro_ebm writes checkpoints, logs it
+    rewrites and run records."""
+    path = Path(path)
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -181,7 +185,7 @@ class _Csv:
             if rows and rows[0][:2] == ["step", "seconds"]:
                 self.names = rows[0][2:]
                 kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= start]
-                _write_text_atomic(self.path, kept)
+                _write_rows(self.path, kept)
                 self._open("a")
 
     def _open(self, mode):
@@ -202,13 +206,10 @@ class _Csv:
             self.file.close()
 
 
-def _write_text_atomic(path, rows):
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_rows(path, rows):
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def _tensorboard(log_dir, start):
@@ -224,19 +225,24 @@ def _tensorboard(log_dir, start):
 # -- SIGINT ----------------------------------------------------------------------------------
 
 
-class _Interrupts:
-    """While active (main thread only): the first SIGINT sets :attr:`requested`,
-    the second raises ``KeyboardInterrupt``; the previous handler comes back on exit."""
+class DeferredInterrupt:
+    """While active (main thread only): the first SIGINT (Ctrl-C) sets
+    :attr:`requested` and prints ``message``, for the loop to stop after its
+    current step; the second raises ``KeyboardInterrupt`` at once; the previous
+    handler comes back on exit.
 
-    def __init__(self):
-        self.requested, self.previous = False, None
+    :param str message: what the first Ctrl-C prints (``None``: nothing).
+    """
+
+    def __init__(self, message=None):
+        self.requested, self.previous, self.message = False, None, message
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nfit: interrupted; finishing this step and writing a checkpoint (Ctrl-C again to stop "
-              "at once)", file=sys.stderr, flush=True)
+        if self.message:
+            print(f"\n{self.message}", file=sys.stderr, flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -402,7 +408,8 @@ def fit(trainer, data, num_steps, batch_size=None, *, seed=0, checkpoint=None, c
         path = folder / f"step-{step:08d}.pt"
         state = {"step": step, "num_steps": num_steps, "seconds": seconds0 + time.perf_counter() - t0,
                  **expected}
-        _write_atomic(path, {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "fit": state})
+        ckpt = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "fit": state}
+        atomic_write(path, lambda f: torch.save(ckpt, f))
         latest, written = path, step
         # newer files are ones a resume skipped (unreadable): never let them crowd out good ones
         for _, old in [c for c in _checkpoints(folder) if c[0] <= step][keep:]:
@@ -410,7 +417,8 @@ def fit(trainer, data, num_steps, batch_size=None, *, seed=0, checkpoint=None, c
 
     interrupted = False
     try:
-        with _Interrupts() as interrupts:
+        with DeferredInterrupt("fit: interrupted; finishing this step and writing a checkpoint (Ctrl-C "
+                               "again to stop at once)") as interrupts:
             while step < num_steps:
                 try:
                     trainer.step(*batches(step))

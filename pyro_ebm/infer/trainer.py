@@ -38,7 +38,7 @@ from ..energy.compile import Compiled, compile_options
 from ..energy.params import adopt_store, collect_parameters, module_parameters, param_sites
 
 __all__ = ["Level", "Trainer", "collect_parameters", "make_optimizer", "module_parameters", "param_sites",
-           "require_adam"]
+           "random_state", "require_adam", "set_random_state"]
 
 
 # -- one torch optimizer per level ----------------------------------------------------
@@ -358,7 +358,9 @@ class Level:
 STATE_FORMAT = "pyro_ebm.trainer/1"
 
 
-def _rng_state():
+def random_state() -> dict:
+    """The torch (CPU, and every CUDA device once CUDA is initialized), Python and
+    numpy random states, as :meth:`Trainer.state_dict` keeps them."""
     import random
 
     import numpy as np
@@ -369,7 +371,8 @@ def _rng_state():
     return state
 
 
-def _set_rng_state(state):
+def set_random_state(state: dict) -> None:
+    """Restore :func:`random_state`'s output."""
     import random
 
     import numpy as np
@@ -587,7 +590,7 @@ class Trainer:
         if self._pending_state:
             levels = {**self._pending_state, **levels}
         return {"format": STATE_FORMAT, "algorithm": self.algorithm, "num_steps": self.num_steps,
-                "levels": levels, "extra": self._save_extra(), "rng": _rng_state()}
+                "levels": levels, "extra": self._save_extra(), "rng": random_state()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output: the step count, the trainer's own
@@ -611,7 +614,7 @@ class Trainer:
         self._pending_state = pending or None
         self._load_extra(state.get("extra"))
         if state.get("rng") is not None:
-            _set_rng_state(state["rng"])
+            set_random_state(state["rng"])
 
     def _load_level(self, level, state):
         saved = state.get("params")
