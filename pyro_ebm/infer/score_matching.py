@@ -206,10 +206,14 @@ class DSM(ScoreObjective):
         eps = torch.randn_like(v) if eps is None else eps
         return v + self.noise_scale * eps
 
-    def per_item(self, score_fn, v):
-        eps = torch.randn_like(v)
+    def per_item(self, score_fn, v, noise=None):
+        """``noise``: the standard normal :math:`\\epsilon` (drawn when ``None``)."""
+        eps = torch.randn_like(v) if noise is None else noise
         x = self.perturb(v.detach(), eps).requires_grad_(True)
-        s = score_fn(x)
+        return self.residual(score_fn(x), v, eps)
+
+    def residual(self, s, v, eps):
+        """The objective per item given the score ``s`` at ``perturb(v, eps)``."""
         return 0.5 * _flat(s + eps / self.noise_scale).pow(2).sum(-1)
 
 
@@ -251,10 +255,14 @@ class MDSM(ScoreObjective):
         eps = torch.randn_like(v) if eps is None else eps
         return v + self.sigmas(v) * eps
 
-    def per_item(self, score_fn, v):
-        eps = torch.randn_like(v)
+    def per_item(self, score_fn, v, noise=None):
+        """``noise``: the standard normal :math:`\\epsilon` (drawn when ``None``)."""
+        eps = torch.randn_like(v) if noise is None else noise
         x = self.perturb(v.detach(), eps).requires_grad_(True)
-        s = score_fn(x)
+        return self.residual(score_fn(x), v, eps)
+
+    def residual(self, s, v, eps):
+        """The objective per item given the score ``s`` at ``perturb(v, eps)``."""
         return 0.5 * _flat(s / self.sigmas(v) + eps / self.sigma0**2).pow(2).sum(-1)
 
 
