@@ -118,6 +118,11 @@ class GuideView:
                     lq = lq + q.log_prob(x).sum()
         return values, lq
 
+    def _direct_log_density(self, v, args, kwargs, values):
+        with pyro.validation_enabled(False):
+            conditionals = self.conditionals(v, *args, **kwargs)
+            return sum(q.log_prob(values[name]).sum() for name, q in conditionals.items())
+
     def sample(self, v, *args, num_particles=1, **kwargs) -> dict:
         """Draws from the guide by site; reparameterized sites keep their graph to
         the guide's parameters (detach ``v`` to draw from a detached ``v``)."""
@@ -140,9 +145,7 @@ class GuideView:
     def log_density(self, v, *args, values, num_particles=1, **kwargs) -> torch.Tensor:
         """:math:`\\sum \\log q(h \\mid v)` over items and particles at the given values."""
         if self.direct:
-            with pyro.validation_enabled(False):
-                conditionals = self.conditionals(v, *args, **kwargs)
-                return sum(q.log_prob(values[name]).sum() for name, q in conditionals.items())
+            return self._direct_log_density(v, args, kwargs, values)
         lq = self.view.log_density(v, *args, values=values,
                                    num_chains=num_particles if num_particles > 1 else None, **kwargs)
         return lq.sum()
@@ -207,6 +210,7 @@ class PureGuide:
         guide = view.guide
         self.names = tuple(trainable_parameters(guide))
         self._guide, self._args, self._kwargs = guide, args, kwargs
+        self._places = None
         self._num_args = len(_tensor_leaves((v,) + args, kwargs))
         L = num_particles
         weights = [guide.get_parameter(n).detach() for n in self.names]
@@ -220,7 +224,7 @@ class PureGuide:
         def sample(*flat):
             w, x, rest, kw = call(flat)
             with view.using(w):
-                values = view.sample(x, *rest, num_particles=L, **kw)
+                values = view._direct_sample(x, rest, kw, L, False)[0]
             return tuple(values[k] for k in sorted(values))
 
         try:
@@ -237,7 +241,7 @@ class PureGuide:
             w, x, rest, kw = call(flat)
             vals = dict(zip(self.value_names, flat[n_w + self._num_args:], strict=True))
             with view.using(w):
-                return view.log_density(x, *rest, values=vals, num_particles=L, **kw)
+                return view._direct_log_density(x, rest, kw, vals)
 
         try:
             with torch.no_grad():
@@ -250,8 +254,8 @@ class PureGuide:
         # the guard: the same numbers as an eager draw from the same random state
         with torch.random.fork_rng(), torch.no_grad():
             state = torch.get_rng_state()
-            eager = view.sample(v, *args, num_particles=L, **kwargs)
-            eager_lq = view.log_density(v, *args, values=eager, num_particles=L, **kwargs)
+            eager = view._direct_sample(v, args, kwargs, L, False)[0]
+            eager_lq = view._direct_log_density(v, args, kwargs, eager)
             torch.set_rng_state(state)
             mine = self.sample(self.parameters(), v, *args, noise=self.draw(), **kwargs)
             mine_lq = self.log_density(self.parameters(), v, *args, values=mine, **kwargs)
@@ -261,7 +265,13 @@ class PureGuide:
 
     def parameters(self) -> list:
         """The guide's trainable parameters, looked up now, in the order of :attr:`names`."""
-        return [self._guide.get_parameter(n) for n in self.names]
+        if self._places is None:  # where each sits: (its module's parameter dict, its key)
+            places = []
+            for name in self.names:
+                owner, _, leaf = name.rpartition(".")
+                places.append((self._guide.get_submodule(owner)._parameters, leaf))
+            self._places = places
+        return [store[key] for store, key in self._places]
 
     def draw(self) -> list:
         """The random numbers of one draw (eagerly, as an eager draw makes them)."""
