@@ -208,6 +208,10 @@ class PureGuide:
         if not view.direct:
             raise NotTraced("the guide has no conditionals(v, *args) method, so its draws run through Pyro")
         guide = view.guide
+        if next(guide.buffers(), None) is not None or any(not p.requires_grad for p in guide.parameters()):
+            # a traced graph would hold them as constants, stale once they change
+            raise NotTraced("the guide holds buffers or frozen parameters, which its traced draws would "
+                            "keep as constants")
         self.names = tuple(trainable_parameters(guide))
         self._guide, self._args, self._kwargs = guide, args, kwargs
         self._places = None

@@ -173,9 +173,10 @@ def pure_or_none(algo, v, args, kwargs, vages=False):
     if found is None:
         try:
             found = pure_parts(algo, v, args, kwargs, vages=vages)
-        except NotTraced as err:
+        except Exception as err:  # noqa: BLE001 - whatever has no pure form, the eager step runs
             found = False
-            warnings.warn(f"{algo.algorithm}'s step could not be compiled and runs eagerly: {err}",
+            why = str(err) if isinstance(err, NotTraced) else f"{type(err).__name__}: {err}"
+            warnings.warn(f"{algo.algorithm}'s step could not be compiled and runs eagerly: {why}",
                           UserWarning, stacklevel=4)
         algo._pure_parts[key] = found
     return found or None

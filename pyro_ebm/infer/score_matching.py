@@ -206,9 +206,8 @@ class DSM(ScoreObjective):
         eps = torch.randn_like(v) if eps is None else eps
         return v + self.noise_scale * eps
 
-    def per_item(self, score_fn, v, noise=None):
-        """``noise``: the standard normal :math:`\\epsilon` (drawn when ``None``)."""
-        eps = torch.randn_like(v) if noise is None else noise
+    def per_item(self, score_fn, v):
+        eps = torch.randn_like(v)
         x = self.perturb(v.detach(), eps).requires_grad_(True)
         return self.residual(score_fn(x), v, eps)
 
@@ -255,9 +254,8 @@ class MDSM(ScoreObjective):
         eps = torch.randn_like(v) if eps is None else eps
         return v + self.sigmas(v) * eps
 
-    def per_item(self, score_fn, v, noise=None):
-        """``noise``: the standard normal :math:`\\epsilon` (drawn when ``None``)."""
-        eps = torch.randn_like(v) if noise is None else noise
+    def per_item(self, score_fn, v):
+        eps = torch.randn_like(v)
         x = self.perturb(v.detach(), eps).requires_grad_(True)
         return self.residual(score_fn(x), v, eps)
 

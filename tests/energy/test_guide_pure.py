@@ -64,6 +64,9 @@ def test_pure_draws_equal_eager_draws_and_differentiate(make, num_particles):
 
 def test_draws_that_read_the_weights_or_a_function_guide_have_no_pure_form():
     v = torch.randn(5, 2)
+    normed = AmortizedNormal(torch.nn.Sequential(torch.nn.BatchNorm1d(2), Encoder()))
+    with pytest.raises(NotTraced, match="buffers"):  # running statistics would be frozen into the graph
+        GuideView(normed).pure(v)
     with pytest.raises(NotTraced, match="not reparameterized"):
         GuideView(DiscreteGuide()).pure(v)
     with pytest.raises(NotTraced, match="conditionals"):
