@@ -22,7 +22,8 @@ what it returns:
   parameters passed in (:class:`PureDensity`, for ``torch.func`` and
   ``torch.compile``);
 - :mod:`~pyro_ebm.energy.guide`: :class:`GuideView`, a guide as a sampler and a
-  density over particles, with fast weights;
+  density over particles, with fast weights, and :class:`PureGuide`, its draws
+  and density as pure functions of (weights, data, random numbers);
 - :mod:`~pyro_ebm.energy.density`: :func:`log_density` of one run of any Pyro
   callable at given latent values;
 - :mod:`~pyro_ebm.energy.sites`: :class:`SiteInfo` and the site helpers
@@ -37,7 +38,7 @@ what it returns:
 
 from .density import CHAIN_PLATE, DATA_PLATE, log_density
 from .functional import NotTraced, PureDensity
-from .guide import GuideView
+from .guide import GuideView, PureGuide
 from .jacobian import exact_trace, hutchinson_trace
 from .params import collect_params, functional, trainable_parameters
 from .potential import DataPotential, LatentPotential, LatentSite
@@ -75,6 +76,7 @@ __all__ = [
     "LatentSite",
     "NotTraced",
     "PureDensity",
+    "PureGuide",
     "SiteInfo",
     "check_data",
     "check_dtype",

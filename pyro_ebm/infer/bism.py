@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pyro
 import torch
 
 from ..energy import (
     GuideView,
+    NotTraced,
     check_dtype,
     check_guide_sites,
     energy_view,
@@ -18,6 +20,7 @@ from ..energy import (
     trainable_parameters,
 )
 from .checks import ALL_FINITE, at_step, check_batch, describe_nonfinite
+from .pure_steps import hypergradient, lower_grad, pure_parts
 from .score_matching import SSM, ScoreObjective
 from .trainer import Trainer, collect_parameters, require_adam
 from .unroll import UnrolledAdam, check_unrollable
@@ -150,6 +153,57 @@ def check_model_and_guide(algo, v, args, kwargs, lower=None, why="the guide", wh
     return True
 
 
+def signature_key(v, args, kwargs):
+    """A batch's signature for the compiled steps' caches (shapes, dtypes, devices, static arguments)."""
+    def key(a):
+        return (tuple(a.shape), a.dtype, a.device) if torch.is_tensor(a) else (type(a), repr(a))
+
+    return tuple(key(a) for a in (v,) + tuple(args)) + tuple((k, key(a)) for k, a in sorted(kwargs.items()))
+
+
+def pure_or_none(algo, v, args, kwargs, vages=False):
+    """The :class:`~pyro_ebm.infer.pure_steps.PureParts` of ``algo``'s compiled step for
+    this batch's signature, or ``None`` (``compile=False``, or no pure step: then
+    one ``UserWarning`` per signature says why and the eager step runs)."""
+    if algo.compile_options is None:
+        return None
+    key = signature_key(v, args, kwargs)
+    found = algo._pure_parts.get(key)
+    if found is None:
+        try:
+            found = pure_parts(algo, v, args, kwargs, vages=vages)
+        except Exception as err:  # noqa: BLE001 - whatever has no pure form, the eager step runs
+            found = False
+            why = str(err) if isinstance(err, NotTraced) else f"{type(err).__name__}: {err}"
+            warnings.warn(f"{algo.algorithm}'s step could not be compiled and runs eagerly: {why}",
+                          UserWarning, stacklevel=4)
+        algo._pure_parts[key] = found
+    return found or None
+
+
+def compiled_inner_steps(alg, parts, v, args, kwargs):
+    """:func:`inner_steps` with the loss and its gradient from a compiled pure
+    function (the real optimizer step stays eager); ``None`` after the compiler
+    refused it (then the eager :func:`inner_steps` runs)."""
+    fn = alg._compiled(("inner", signature_key(v, args, kwargs)),
+                       lambda: lower_grad(alg, parts, args, kwargs), f"{alg.algorithm}'s lower-level step")
+    if fn is None:
+        return None
+    size = len(alg.levels["guide"].params)
+    v = v.detach()
+    theta = [p.detach() for p in parts.theta()[0]]
+    losses = []
+    for k in range(alg.inner_steps):
+        eps = torch.randn_like(v)  # the eager step's order: the data's noise, then the guide's
+        noise = parts.guide.draw()
+        phi = [p.detach() for p in parts.guide.parameters()]
+        loss, g = fn(theta, phi, v, eps, noise)
+        alg._watch("guide", f"the lower-level (inner step {k + 1}) loss", loss)
+        alg._apply("guide", parts.guide_grads(g, size), f"inner step {k + 1}")
+        losses.append(loss.detach())
+    return losses
+
+
 def diagnose(algo, v, args, kwargs):
     """Which site of ``algo.guide`` or ``algo.model`` is NaN / Inf on the batch
     ``v`` (a sentence, for a divergence message)."""
@@ -219,6 +273,14 @@ class BiSM(Trainer):
         ``optim``; each level builds its own torch optimizer from it, so the
         states stay separate); an Adam or AdamW when ``unroll_steps > 0``.
     :param int num_particles: L, latent draws per data item.
+    :param compile: ``False`` (default), ``True`` or a dict of ``torch.compile``
+        arguments (e.g. ``{"backend": "aot_eager"}``): compile the lower-level
+        loss with its gradient and the hypergradient (unrolled steps included),
+        written with ``torch.func`` on the model's traced pure function and the
+        guide's (:meth:`~pyro_ebm.energy.GuideView.pure`); the random numbers are
+        drawn eagerly, so a compiled step equals an eager one from the same seed
+        to rounding. DSM and MDSM objectives with a guide that has
+        ``conditionals`` compile; anything else runs eagerly after one warning.
 
     >>> grbm = GaussianRBM(visible_dim=2, hidden_dim=4)
     >>> guide = AmortizedBernoulli(visible_dim=2, hidden_dim=4, site="h", temperature=0.1)
@@ -241,7 +303,7 @@ class BiSM(Trainer):
     main_loss = "upper"
 
     def __init__(self, model, guide, optim, objective=None, inner_steps=5, unroll_steps=5, lower="kl",
-                 guide_optim=None, num_particles=1):
+                 guide_optim=None, num_particles=1, compile=False):
         objective = SSM() if objective is None else objective
         if not isinstance(objective, ScoreObjective):
             raise TypeError(
@@ -265,7 +327,8 @@ class BiSM(Trainer):
         self.inner_steps, self.unroll_steps, self.num_particles = inner_steps, unroll_steps, num_particles
         self.view = energy_view(model)
         self.guide_view = GuideView(guide)
-        super().__init__({"model": "optim", "guide": "guide_optim"})
+        super().__init__({"model": "optim", "guide": "guide_optim"}, compile=compile)
+        self._pure_parts = {}
 
     # -- the trainer contract ------------------------------------------------
 
@@ -282,7 +345,14 @@ class BiSM(Trainer):
     def _step(self, args, kwargs):
         v, rest = args[0], args[1:]
         self._level_now = "guide"
-        lower = inner_steps(self, lambda: self._lower_data(v), rest, kwargs)
+        parts = pure_or_none(self, v, rest, kwargs)
+        lower = compiled_inner_steps(self, parts, v, rest, kwargs) if parts is not None else None
+        if lower is None:
+            lower = inner_steps(self, lambda: self._lower_data(v), rest, kwargs)
+        if parts is not None:
+            out = self._compiled_upper(parts, v, rest, kwargs)
+            if out is not None:
+                return {"upper": out, "lower": mean_or_nan(lower)}
         unrolled = []
         loss = self._upper_loss(v, rest, kwargs, unrolled)
         for n, x in enumerate(unrolled):
@@ -290,6 +360,34 @@ class BiSM(Trainer):
         self._watch("model", "the upper-level loss", loss)
         self._minimize("model", loss, "upper-level update")
         return {"upper": loss.detach(), "lower": mean_or_nan(lower)}
+
+    def _compiled_upper(self, parts, v, rest, kwargs):
+        """The upper-level update with the hypergradient of a compiled pure function;
+        the upper loss, or ``None`` after the compiler refused it."""
+        fn = self._compiled(("upper", signature_key(v, rest, kwargs)),
+                            lambda: hypergradient(self, parts, _Unrolled(self), rest, kwargs),
+                            f"{self.algorithm}'s hypergradient")
+        if fn is None:
+            return None
+        live = parts.guide.parameters()
+        phi = [p.detach() for p in live]
+        state = None
+        if self.unroll_steps:
+            self._unrolled = UnrolledAdam(self.levels["guide"].optimizer,
+                                          dict(zip(parts.guide.names, live, strict=True)))
+            state = {n: {k: torch.as_tensor(x, dtype=torch.float64) if k == "step" else x
+                         for k, x in st.items()} for n, st in self._unrolled.state.items()}
+        v = v.detach()
+        unroll_noise = [(torch.randn_like(v), parts.guide.draw()) for _ in range(self.unroll_steps)]
+        eps, noise = torch.randn_like(v), parts.guide.draw()
+        theta, selected = parts.theta()
+        loss, grads, unrolled = fn([p.detach() for p in selected], [p.detach() for p in theta], phi, state, v,
+                                   unroll_noise, eps, noise)
+        for n, x in enumerate(unrolled):
+            self._watch("guide", f"the unrolled lower-level (step {n + 1}) loss", x)
+        self._watch("model", "the upper-level loss", loss)
+        self._apply("model", parts.model_grads(grads, len(self.levels["model"].params)), "upper-level update")
+        return loss.detach()
 
     def _losses(self, args, kwargs):
         v, rest = args[0], args[1:]
@@ -358,3 +456,13 @@ class BiSM(Trainer):
         self._validate(args, kwargs, "hypergradient")
         self._prepare(args, kwargs)
         return loss_and_grads_by_name(self, "model", lambda: self._upper_loss(v, rest, kwargs))
+
+
+class _Unrolled:
+    """The unrolled Adam of the step now (its hyperparameters), for the compiled hypergradient."""
+
+    def __init__(self, algo):
+        self.algo = algo
+
+    def update(self, weights, grads, state):
+        return self.algo._unrolled.update(weights, grads, state)

@@ -266,7 +266,10 @@ class DSM(ScoreObjective):
     def per_item(self, score_fn, v):
         eps = torch.randn_like(v)
         x = self.perturb(v.detach(), eps).requires_grad_(True)
-        s = score_fn(x)
+        return self.residual(score_fn(x), v, eps)
+
+    def residual(self, s, v, eps):
+        """The objective per item given the score ``s`` at ``perturb(v, eps)``."""
         return 0.5 * _flat(s + eps / self.noise_scale).pow(2).sum(-1)
 
     def draw_noise(self, v):
@@ -319,7 +322,10 @@ class MDSM(ScoreObjective):
     def per_item(self, score_fn, v):
         eps = torch.randn_like(v)
         x = self.perturb(v.detach(), eps).requires_grad_(True)
-        s = score_fn(x)
+        return self.residual(score_fn(x), v, eps)
+
+    def residual(self, s, v, eps):
+        """The objective per item given the score ``s`` at ``perturb(v, eps)``."""
         return 0.5 * _flat(s / self.sigmas(v) + eps / self.sigma0**2).pow(2).sum(-1)
 
     def draw_noise(self, v):

@@ -119,11 +119,19 @@ class UnrolledAdam:
         advances with them)."""
         names = list(weights)
         grads = torch.autograd.grad(loss, [weights[n] for n in names], create_graph=True, allow_unused=True)
-        new = dict(weights)
-        for name, g in zip(names, grads, strict=True):
+        new, self.state = self.update(weights, dict(zip(names, grads, strict=True)), self.state)
+        return new
+
+    def update(self, weights: dict, grads: dict, state: dict):
+        """The Adam step as a pure function: ``(new weights, new state)`` from the fast
+        ``weights``, their gradients ``grads`` (``None`` for a weight without one,
+        which keeps its value) and the moment ``state`` (:attr:`state`'s layout).
+        Written for ``torch.func`` and ``torch.compile`` as well as autograd."""
+        new, out = dict(weights), dict(state)
+        for name, g in grads.items():
             if g is None:  # torch.optim.Adam skips a parameter without a gradient
                 continue
-            hp, st, phi = self.hyper[name], self.state[name], weights[name]
+            hp, st, phi = self.hyper[name], state[name], weights[name]
             lr, (beta1, beta2), eps, wd = float(hp["lr"]), hp["betas"], hp["eps"], hp["weight_decay"]
             beta1, beta2 = float(beta1), float(beta2)
             if hp.get("maximize", False):
@@ -143,5 +151,5 @@ class UnrolledAdam:
             bias1, bias2 = 1 - beta1**t, 1 - beta2**t
             denom = _safe_sqrt(u_max) / bias2**0.5 + eps
             new[name] = phi - (lr / bias1) * m / denom
-            self.state[name] = {"step": t, "exp_avg": m, "exp_avg_sq": u, "max_exp_avg_sq": u_max}
-        return new
+            out[name] = {"step": t, "exp_avg": m, "exp_avg_sq": u, "max_exp_avg_sq": u_max}
+        return new, out

@@ -14,12 +14,16 @@ from ..energy import GuideView, check_data, check_guide_sites, energy_view
 from .bism import (
     LOWER,
     check_model_and_guide,
+    compiled_inner_steps,
     diagnose,
     inner_steps,
     loss_and_grads_by_name,
     mean_or_nan,
     model_and_guide_parameters,
+    pure_or_none,
+    signature_key,
 )
+from .pure_steps import vages_grad
 from .score_matching import DSM, MDSM
 from .trainer import Trainer
 
@@ -167,6 +171,12 @@ class VaGES(Trainer):
     :param float sigma0: reference scale of ``"mdsm"``.
     :param float bandwidth: RBF bandwidth of ``"ksd"`` (default: median heuristic).
     :param str lower: ``"kl"`` or ``"fisher"``.
+    :param compile: ``False`` (default), ``True`` or a dict of ``torch.compile``
+        arguments: compile the objective with its VaGES gradient given the
+        particles (drawn eagerly) and the lower-level loss with its gradient,
+        written with ``torch.func`` (as :class:`~pyro_ebm.infer.BiSM`'s
+        ``compile=``); the KSD objective, a guide without ``conditionals`` or a
+        model that is not traced run eagerly after one warning.
 
     >>> vages = VaGES(grbm, AmortizedBernoulli(2, 4, site="h"), pyro.optim.Adam({"lr": 1e-3}),
     ...               objective="dsm", noise_scale=0.05, num_particles=2, inner_steps=5)
@@ -184,7 +194,8 @@ class VaGES(Trainer):
     main_loss = "upper"
 
     def __init__(self, model, guide, optim, objective="dsm", num_particles=2, inner_steps=5, guide_optim=None,
-                 noise_scale=0.1, sigma_min=0.05, sigma_max=1.0, sigma0=0.1, bandwidth=None, lower="kl"):
+                 noise_scale=0.1, sigma_min=0.05, sigma_max=1.0, sigma0=0.1, bandwidth=None, lower="kl",
+                 compile=False):
         if isinstance(objective, (DSM, MDSM)):
             self.objective = objective
         elif objective == "dsm":
@@ -217,7 +228,8 @@ class VaGES(Trainer):
         self.bandwidth = bandwidth
         self.view = energy_view(model)
         self.guide_view = GuideView(guide)
-        super().__init__({"model": "optim", "guide": "guide_optim"})
+        super().__init__({"model": "optim", "guide": "guide_optim"}, compile=compile)
+        self._pure_parts = {}
 
     # -- the trainer contract ------------------------------------------------
 
@@ -240,12 +252,39 @@ class VaGES(Trainer):
         is evaluated with the VaES."""
         v, rest = args[0], args[1:]
         self._level_now = "guide"
-        lower = inner_steps(self, lambda: self._lower_data(v), rest, kwargs)
+        parts = pure_or_none(self, v, rest, kwargs, vages=True) if self.objective is not None else None
+        lower = None
+        if parts is not None and self.inner_steps:
+            lower = compiled_inner_steps(self, parts, v, rest, kwargs)
+        if lower is None:
+            lower = inner_steps(self, lambda: self._lower_data(v), rest, kwargs)
         self._level_now = "model"
-        loss = self._loss(v, rest, kwargs)
-        self._watch("model", "the upper-level loss", loss)
-        self._minimize("model", loss, "upper-level update")
+        loss = self._compiled_loss(parts, v, rest, kwargs) if parts is not None else None
+        if loss is None:
+            loss = self._loss(v, rest, kwargs)
+            self._watch("model", "the upper-level loss", loss)
+            self._minimize("model", loss, "upper-level update")
         return {"upper": loss.detach(), "lower": mean_or_nan(lower)}
+
+    def _compiled_loss(self, parts, v, rest, kwargs):
+        """The model update with the objective and its VaGES gradient from a compiled
+        pure function; the objective, or ``None`` after the compiler refused it."""
+        fn = self._compiled(("vages", signature_key(v, rest, kwargs)),
+                            lambda: vages_grad(self, parts, rest, kwargs), f"{self.algorithm}'s gradient")
+        if fn is None:
+            return None
+        v = v.detach()
+        eps = torch.randn_like(v)  # the eager step's order: the data's noise, then particle sets A and B
+        phi = parts.guide.parameters()
+        with torch.no_grad():
+            x = self.objective.perturb(v, eps)
+            h_a = parts.guide.sample(phi, x, *rest, noise=parts.guide.draw(), **kwargs)
+            h_b = parts.guide.sample(phi, x, *rest, noise=parts.guide.draw(), **kwargs)
+        theta, selected = parts.theta()
+        loss, grads = fn([p.detach() for p in selected], [p.detach() for p in theta], v, eps, h_a, h_b)
+        self._watch("model", "the upper-level loss", loss)
+        self._apply("model", parts.model_grads(grads, len(self.levels["model"].params)), "upper-level update")
+        return loss
 
     def _losses(self, args, kwargs):
         v, rest = args[0], args[1:]
