@@ -91,7 +91,9 @@ class LatentPotential:
         chains = z.shape[0]
         values, log_det = {}, 0.0
         for site, identity in zip(self.sites, self._identity, strict=True):
-            u = z[:, site.slice].reshape((chains,) + tuple(site.unconstrained_shape))
+            # one site is all of z: no slice (its backward would copy into a zero tensor)
+            part = z if len(self.sites) == 1 else z[:, site.slice]
+            u = part.reshape((chains,) + tuple(site.unconstrained_shape))
             x = u if identity else site.transform(u)
             values[site.name] = x
             if with_log_det and not identity:
