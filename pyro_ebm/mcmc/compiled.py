@@ -20,6 +20,7 @@ potential function is used as it is.
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import torch
@@ -31,8 +32,9 @@ __all__ = ["compiled_step"]
 
 
 def _pure_potential(potential, position):
-    """``(U, params)``: ``U(params, x)`` the potential at positions ``x`` as a pure
-    function of the parameters ``params`` (live tensors, looked up now). Raises
+    """``(U, params, pure)``: ``U(params, x)`` the potential at positions ``x`` as a pure
+    function of the parameters ``params`` (live tensors, looked up now), and the
+    model's :class:`~pyro_ebm.energy.PureDensity` (``None`` for a plain potential). Raises
     :class:`~pyro_ebm.energy.NotTraced` for a model on the Pyro path."""
     if isinstance(potential, LatentPotential):
         view, args, kwargs = potential.view, potential.args, potential.kwargs
@@ -43,7 +45,7 @@ def _pure_potential(potential, position):
             values, log_det = potential.unpack(z, with_log_det=True)
             return -(pure(params, *args, values=values, **kwargs) + log_det)
 
-        return latent, pure.parameters()
+        return latent, pure.parameters(), pure
     if isinstance(potential, DataPotential):
         view, args, kwargs, given = potential.view, potential.args, potential.kwargs, potential.values
         shape = potential.event_shape
@@ -57,8 +59,28 @@ def _pure_potential(potential, position):
         def data(params, x):
             return -pure(params, as_items(x), *args, values=given, **kwargs)
 
-        return data, pure.parameters()
-    return (lambda params, x: potential(x)), []
+        return data, pure.parameters(), pure
+    return (lambda params, x: potential(x)), [], None
+
+
+#: a copy of the step's code per (kernel type, potential): torch.compile keeps its
+#: compiled graphs and its recompile limit (8) per code object, so one shared
+#: code would stop compiling, silently, after the eighth model or shape
+_CODES = {}
+
+
+def _own_code(fn, kernel, potential, pure):
+    """``fn`` (a closure) with a code object of its own for this kernel type and
+    potential (the traced graph of a model, or a plain potential's code)."""
+    entry = getattr(pure, "_entry", None) if pure is not None else None
+    target = id(entry) if entry is not None else getattr(potential, "__code__", type(potential))
+    key = (type(kernel), target)
+    code = _CODES.get(key)
+    if code is None:
+        if len(_CODES) >= 256:  # forgetting a copy costs a compile, never a wrong result
+            _CODES.clear()
+        code = _CODES[key] = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _potential_and_grad(potential, params, x):
@@ -83,7 +105,7 @@ def compiled_step(kernel, state, options):
     if not all(callable(getattr(kernel, a, None)) for a in ("step_inputs", "move", "advance")):
         return _eager(kernel, f"{name} has no pure move(...) to compile")
     try:
-        potential, params = _pure_potential(state.potential_fn, state.position)
+        potential, params, pure = _pure_potential(state.potential_fn, state.position)
         # one eager evaluation: the potential must run under torch.func and agree
         u, grad = _potential_and_grad(potential, params, state.position)
     except NotTraced as err:
@@ -99,6 +121,7 @@ def compiled_step(kernel, state, options):
         return kernel.move(lambda z: _potential_and_grad(potential, params, z), x, u, g, step_size,
                            momentum, *inputs)
 
+    pure_step = _own_code(pure_step, kernel, state.potential_fn, pure)
     compiled = Compiled(pure_step, options, f"the {name} step")
 
     def step(state):

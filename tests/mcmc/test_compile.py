@@ -196,3 +196,23 @@ def test_step_refused_by_compiler_falls_back_with_one_warning():
 def test_bad_compile_argument(bad):
     with pytest.raises(TypeError, match="compile must be True|not torch.compile arguments"):
         run(quartic, mcmc.MALA(0.05), bad)
+
+
+def test_each_model_compiles_within_its_own_recompile_limit():
+    """torch.compile counts recompiles per code object: each model (and kernel type)
+    gets its own copy of the step's code, so a process that samples many models
+    keeps compiling them (here with the limit lowered to 2, and 3 models)."""
+    def make_model(shift):
+        def model(features, labels):
+            w = pyro.sample("w", dist.Normal(torch.full((3,), shift, dtype=DT), 1.0).to_event(1))
+            pyro.factor("lik", -(w @ features.T - labels).pow(2).sum(-1))
+        return model
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for shift in (0.0, 1.0, 2.0):
+            model = make_model(shift)
+            _, graphs = compiled_graphs(lambda model=model: mcmc.sample(
+                model, mcmc.MALA(0.05), 4, 3, model_args=(FEATURES, LABELS),
+                initial=torch.zeros(4, 3, dtype=DT), compile=FAST, progress=False))
+            assert graphs >= 1, shift
