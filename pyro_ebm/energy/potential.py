@@ -114,7 +114,8 @@ class LatentPotential:
             raise ValueError(f"positions must have shape (chains, {self.dim}), got {tuple(z.shape)}")
         values, log_det = self.unpack(z, with_log_det=True)
         lp = self.view.log_density(*self.args, values=values, num_chains=z.shape[0], **self.kwargs)
-        return -(lp + log_det)
+        # real-support sites only: no log-det term, and no op to add a zero on every call
+        return -lp if isinstance(log_det, float) else -(lp + log_det)
 
     def sample_prior(self, num_chains):
         """Latent draws from the model's own sampling statements, packed to ``(C, dim)``."""

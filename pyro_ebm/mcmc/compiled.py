@@ -43,7 +43,8 @@ def _pure_potential(potential, position):
 
         def latent(params, z):
             values, log_det = potential.unpack(z, with_log_det=True)
-            return -(pure(params, *args, values=values, **kwargs) + log_det)
+            lp = pure(params, *args, values=values, **kwargs)
+            return -lp if isinstance(log_det, float) else -(lp + log_det)
 
         return latent, pure.parameters(), pure
     if isinstance(potential, DataPotential):
@@ -130,7 +131,6 @@ def compiled_step(kernel, state, options):
                        state.momentum, *inputs)
         return kernel.advance(state, out)
 
-    step.compiled = compiled
     return step
 
 
