@@ -7,8 +7,10 @@
    minimum over the 10 coordinates; time is the wall time of the whole run,
    warmup included.
 2. Overhead: 1024 MALA chains with a fixed step, ``mcmc.sample`` versus the same
-   loop written in bare torch (same steps, draws kept), for the Pyro-declared
-   model and for a plain potential function; plus the cost of one potential +
+   loop written in bare eager torch (same steps, draws kept), for the
+   Pyro-declared model and for a plain potential function: eager on the traced
+   path (the default), eager on the Pyro path (``traced=False``) and with
+   ``compile=True`` (compile time excluded); plus the cost of one potential +
    gradient evaluation through the energy view versus by hand. The Pyro model is
    declared twice: with the likelihood as a ``pyro.factor`` written with the
    same tensor operations as the hand-written potential (the framework's cost
@@ -16,14 +18,24 @@
    ``Bernoulli.log_prob`` costs over the hand-written expression).
 3. ``--gpu``: chain-steps per second of MALA at 10k, 100k and 1M chains on a
    2-hidden-layer MLP energy in 64 dimensions, when CUDA is available.
+4. BlackJAX: time per MALA step on the same 10-D logistic regression posterior
+   (500 points) at 1, 64 and 1024 chains, pyro_ebm (the Pyro model with
+   Bernoulli observed sites, eager and ``compile=True``; the plain potential
+   compiled) versus BlackJAX's ``mala`` step, ``jax.vmap``-ed over the chains
+   and run in a ``jax.lax.scan`` under ``jax.jit`` (draws kept, compile time
+   excluded, XLA on one thread with ``--threads 1``). Skipped with a note when
+   jax and blackjax are not installed (``pip install pyro-ebm[bench]``).
 
     python benchmarks/samplers.py --threads 1
     python benchmarks/samplers.py --quick          # seconds, for a smoke run
     python benchmarks/samplers.py --sections gpu
+    python benchmarks/samplers.py --threads 1 --sections blackjax
 """
 
 import argparse
+import contextlib
 import math
+import os
 import time
 import warnings
 
@@ -161,20 +173,35 @@ def _overhead_runs(args, num_data):
     x0 = 0.1 * torch.randn(args.chains, DIM)
     step = 0.5 / num_data  # about the optimal MALA step for this posterior
     kernel = mcmc.MALA(step, adapt_step_size=False)
+
+    def plain(compile=False):
+        return lambda: mcmc.sample(potential_fn=pot, kernel=kernel, num_chains=args.chains,
+                                   num_samples=steps - warm, warmup_steps=warm, initial=x0,
+                                   progress=False, compile=compile)
+
+    def model(fn, compile=False, traced=True):
+        def run():
+            with traced_path(fn, traced):
+                return mcmc.sample(fn, kernel, args.chains, steps - warm, warmup_steps=warm,
+                                   model_args=(features, labels), initial=x0, progress=False,
+                                   compile=compile)
+        return run
+
     runs = {
         "bare": lambda: bare_mala(pot, x0, step, steps, warm),
-        "plain": lambda: mcmc.sample(potential_fn=pot, kernel=kernel, num_chains=args.chains,
-                                     num_samples=steps - warm, warmup_steps=warm, initial=x0,
-                                     progress=False),
-        "factor": lambda: mcmc.sample(logistic_factor_model, kernel, args.chains, steps - warm,
-                                      warmup_steps=warm, model_args=(features, labels),
-                                      initial=x0, progress=False),
-        "obs": lambda: mcmc.sample(logistic_model, kernel, args.chains, steps - warm,
-                                   warmup_steps=warm, model_args=(features, labels),
-                                   initial=x0, progress=False),
+        "plain": plain(),
+        "plain_compiled": plain(True),
+        "factor": model(logistic_factor_model),
+        "factor_pyro": model(logistic_factor_model, traced=False),
+        "factor_compiled": model(logistic_factor_model, True),
+        "obs": model(logistic_model),
+        "obs_compiled": model(logistic_model, True),
         "eval_view": lambda: [potential_and_grad(latent, x0) for _ in range(50)],
         "eval_hand": lambda: [potential_and_grad(pot, x0) for _ in range(50)],
     }
+    for name, fn in runs.items():  # compile (and trace) before timing
+        if "compiled" in name:
+            fn()
     best = {k: float("inf") for k in runs}
     for _ in range(args.repeats):  # interleaved, best of n: the machine may be shared
         for name, fn in runs.items():
@@ -182,6 +209,17 @@ def _overhead_runs(args, num_data):
     best["eval_view"] /= 50
     best["eval_hand"] /= 50
     return best
+
+
+@contextlib.contextmanager
+def traced_path(model, traced=True):
+    """Run ``model``'s energy view on the traced path (default) or the Pyro path."""
+    view = energy_view(model)
+    before, view.traced = view.traced, traced
+    try:
+        yield
+    finally:
+        view.traced = before
 
 
 def overhead(args):
@@ -192,11 +230,16 @@ def overhead(args):
     results = {}
     for num_data in args.overhead_data:
         best = results[num_data] = _overhead_runs(args, num_data)
-        for name, label, target in (("factor", "Pyro model, pyro.factor", 1.3),
+        for name, label, target in (("factor", "Pyro model, pyro.factor", 1.1),
+                                    ("factor_pyro", "Pyro model, pyro.factor, traced=False", None),
+                                    ("factor_compiled", "Pyro model, pyro.factor, compile=True", None),
                                     ("obs", "Pyro model, Bernoulli obs sites", 1.3),
-                                    ("plain", "plain potential", 1.1)):
+                                    ("obs_compiled", "Pyro model, Bernoulli obs sites, compile=True", None),
+                                    ("plain", "plain potential", 1.1),
+                                    ("plain_compiled", "plain potential, compile=True", None)):
+            target = "-" if target is None else f"<= {target}x"
             print(f"| {label} | {num_data} | {best['bare']:.3f} | {best[name]:.3f} | "
-                  f"{best[name] / best['bare']:.2f}x | <= {target}x |")
+                  f"{best[name] / best['bare']:.2f}x | {target} |")
     print(f"\nOne potential + gradient evaluation ({args.chains} chains):\n")
     print("| data points | energy view (pyro.factor model) ms | by hand ms | difference ms |")
     print("|---|---|---|---|")
@@ -246,6 +289,88 @@ def gpu(args):
     return out
 
 
+def _blackjax_mala(features, labels, step_size, num_chains, num_steps):
+    """``run(seed)``: BlackJAX's MALA on the posterior, vmapped over the chains, the
+    steps in a ``jax.lax.scan`` (draws kept) under ``jax.jit``; blocks until done."""
+    import blackjax
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray(features.numpy())
+    y = jnp.asarray(labels.numpy())
+
+    def logdensity(w):  # log N(w; 0, I) + sum_i log Bernoulli(y_i; sigmoid(x_i . w)), up to constants
+        logits = x @ w
+        return -0.5 * jnp.sum(w * w) + jnp.sum(y * logits - jnp.logaddexp(0.0, logits))
+
+    mala = blackjax.mala(logdensity, step_size)
+
+    @jax.jit
+    def run(key, position):
+        states = jax.vmap(mala.init)(position)
+
+        def one(states, key):
+            keys = jax.random.split(key, num_chains)
+            states, _ = jax.vmap(mala.step)(keys, states)
+            return states, states.position
+
+        _, draws = jax.lax.scan(one, states, jax.random.split(key, num_steps))
+        return draws
+
+    position = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (num_chains, DIM))
+    return lambda seed: run(jax.random.PRNGKey(seed), position).block_until_ready()
+
+
+def blackjax_row(args):
+    print(f"\n## 4. MALA time per step vs BlackJAX, 10-D logistic regression ({args.num_data} data points)\n")
+    if args.threads == 1:  # before jax starts: XLA's CPU backend on one thread
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
+    try:
+        import blackjax  # noqa: F401
+        import jax
+    except ImportError:
+        print("skipped: jax and blackjax are not installed (pip install 'pyro-ebm[bench]')")
+        return None
+    features, labels = logistic_data(args.num_data)
+    pot = logistic_potential(features, labels)
+    step = 0.5 / args.num_data
+    steps = args.blackjax_steps
+    kernel = mcmc.MALA(step, adapt_step_size=False)
+    print(f"jax {jax.__version__}, blackjax {blackjax.__version__}, {steps} steps, fixed step size; "
+          "time per step in ms (best of {0}); ratio = pyro_ebm / BlackJAX\n".format(args.repeats))
+    print("| chains | BlackJAX jit+vmap | pyro_ebm eager (Pyro model) | pyro_ebm compile=True (Pyro model) "
+          "| pyro_ebm compile=True (plain potential) | target (compiled) |")
+    print("|---|---|---|---|---|---|")
+    out = {}
+
+    def ours(chains, x0, compile, target=logistic_model):
+        if target is None:
+            return lambda: mcmc.sample(potential_fn=pot, kernel=kernel, num_chains=chains,
+                                       num_samples=steps, initial=x0, progress=False, compile=compile)
+        return lambda: mcmc.sample(target, kernel, chains, steps, model_args=(features, labels),
+                                   initial=x0, progress=False, compile=compile)
+
+    for chains in args.blackjax_chains:
+        x0 = 0.1 * torch.randn(chains, DIM)
+        bj = _blackjax_mala(features, labels, step, chains, steps)
+        runs = {"blackjax": lambda bj=bj: bj(0), "eager": ours(chains, x0, False),
+                "compiled": ours(chains, x0, True), "plain_compiled": ours(chains, x0, True, None)}
+        for fn in runs.values():  # compile, trace and warm up before timing
+            fn()
+        best = {k: float("inf") for k in runs}
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                best[name] = min(best[name], timed(fn)[0] / steps)
+        ref = best["blackjax"]
+        target = "<= 2x" if chains == 1 else "<= 1x"
+        cells = " | ".join(f"{1e3 * best[k]:.3f} ({best[k] / ref:.2f}x)" for k in ("eager", "compiled",
+                                                                                    "plain_compiled"))
+        print(f"| {chains} | {1e3 * ref:.3f} | {cells} | {target} |")
+        out[chains] = best
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chains", type=int, default=1024)
@@ -258,8 +383,10 @@ def main(argv=None):
     parser.add_argument("--overhead-data", type=int, nargs="+", default=[50, 500, 2000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--sections", nargs="+", choices=["ess", "overhead", "gpu"],
-                        default=["ess", "overhead"], help="sections to run")
+    parser.add_argument("--sections", nargs="+", choices=["ess", "overhead", "gpu", "blackjax"],
+                        default=["ess", "overhead", "blackjax"], help="sections to run")
+    parser.add_argument("--blackjax-chains", type=int, nargs="+", default=[1, 64, 1024])
+    parser.add_argument("--blackjax-steps", type=int, default=200)
     parser.add_argument("--gpu", action="store_true", help="also run the GPU section")
     parser.add_argument("--gpu-chains", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--gpu-steps", type=int, default=20)
@@ -270,6 +397,7 @@ def main(argv=None):
         args.chains, args.samples, args.warmup = 64, 30, 30
         args.nuts_samples, args.nuts_warmup, args.overhead_steps, args.repeats = 30, 20, 20, 1
         args.overhead_data, args.gpu_chains, args.gpu_steps = [50], [1000], 2
+        args.blackjax_chains, args.blackjax_steps = [1, 64], 10
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# pyro_ebm sampler benchmarks (torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")
@@ -280,6 +408,8 @@ def main(argv=None):
         results["overhead"] = overhead(args)
     if args.gpu or "gpu" in args.sections:
         results["gpu"] = gpu(args)
+    if "blackjax" in args.sections:
+        results["blackjax"] = blackjax_row(args)
     return results
 
 

@@ -91,7 +91,9 @@ class LatentPotential:
         chains = z.shape[0]
         values, log_det = {}, 0.0
         for site, identity in zip(self.sites, self._identity, strict=True):
-            u = z[:, site.slice].reshape((chains,) + tuple(site.unconstrained_shape))
+            # one site is all of z: no slice (its backward would copy into a zero tensor)
+            part = z if len(self.sites) == 1 else z[:, site.slice]
+            u = part.reshape((chains,) + tuple(site.unconstrained_shape))
             x = u if identity else site.transform(u)
             values[site.name] = x
             if with_log_det and not identity:
@@ -111,8 +113,11 @@ class LatentPotential:
         if z.dim() != 2 or z.shape[1] != self.dim:
             raise ValueError(f"positions must have shape (chains, {self.dim}), got {tuple(z.shape)}")
         values, log_det = self.unpack(z, with_log_det=True)
-        lp = self.view.log_density(*self.args, values=values, num_chains=z.shape[0], **self.kwargs)
-        return -(lp + log_det)
+        # the view's fast path at the structure found once for these fixed arguments
+        # (what view.log_density would look up again on every call)
+        lp = self.view._fast.log_density(self.structure, self.args, self.kwargs, values, False, z.shape[0])
+        # real-support sites only: no log-det term, and no op to add a zero on every call
+        return -lp if isinstance(log_det, float) else -(lp + log_det)
 
     def sample_prior(self, num_chains):
         """Latent draws from the model's own sampling statements, packed to ``(C, dim)``."""

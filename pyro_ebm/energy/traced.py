@@ -371,6 +371,84 @@ def _simplify(graph):
         node.meta.clear()
 
 
+#: folded constants up to this many entries are stored whole (an op reads a
+#: contiguous operand faster than a broadcast one); larger ones at their smallest
+#: broadcasting size, so that constants over a million chains take no memory
+_FOLD_WHOLE = 1 << 16
+_ADD_SUB = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
+
+
+def _compact(value):
+    """``value`` narrowed to one entry along every dim on which it is constant."""
+    for d in range(value.dim()):
+        if value.shape[d] > 1 and bool((value == value.narrow(d, 0, 1)).all()):
+            value = value.narrow(d, 0, 1)
+    return value.contiguous()
+
+
+def _adds_zero(user, node, value):
+    """Whether ``user`` is ``x + node`` or ``x - node`` with ``node`` all zeros and the
+    result of ``x``'s shape and dtype: then it is ``x``."""
+    if user.target not in _ADD_SUB or user.kwargs or len(user.args) != 2 or user.args[1] is not node:
+        return False
+    x = user.args[0]
+    return (isinstance(x, torch.fx.Node) and _meta(x) is not None and _meta(x) == _meta(user)
+            and not bool(value.any()))
+
+
+def _fold_constants(gm):
+    """Compute once, at trace time, every op that reads no graph input (the
+    distributions' parameters built from constants, e.g. a prior's ``log(scale)``
+    expanded over the chains), and keep its value as a constant of the graph: the
+    traced function then does per call only the work that depends on its inputs.
+    Each folded value is stored at its smallest broadcasting size and expanded
+    (a view) back to its shape."""
+    graph = gm.graph
+    known = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            value = getattr(gm, node.target, None)
+            if torch.is_tensor(value):
+                known[node] = value
+            continue
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if node.target._schema.is_mutable or torch.Tag.nondeterministic_seeded in node.target.tags:
+            continue
+        if not all(n in known for n in node.all_input_nodes):
+            continue
+        try:
+            args = torch.fx.node.map_arg(node.args, known.__getitem__)
+            kwargs = torch.fx.node.map_arg(node.kwargs, known.__getitem__)
+            with torch.no_grad():
+                value = node.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - an op that will not run here stays in the graph
+            continue
+        if torch.is_tensor(value):
+            known[node] = value
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node not in known or all(u in known for u in node.users):
+            continue  # an input-free op used only by other folded ops goes with them
+        value = known[node]
+        for user in list(node.users):
+            if _adds_zero(user, node, value):  # e.g. x - loc for a prior with loc 0
+                user.replace_all_uses_with(user.args[0])
+                graph.erase_node(user)
+        if not node.users:
+            continue
+        small = value.contiguous() if value.numel() <= _FOLD_WHOLE else _compact(value)
+        name = f"_folded_{count}"
+        count += 1
+        gm.register_buffer(name, small, persistent=False)
+        with graph.inserting_before(node):
+            new = graph.get_attr(name)
+            if small.shape != value.shape:
+                new = graph.call_function(torch.ops.aten.expand.default, (new, list(value.shape)))
+        node.replace_all_uses_with(new)
+    graph.eliminate_dead_code()
+
+
 def _trace(view, st, args, kwargs, tensors, values, per_item, num_chains):
     """Trace one signature; an :class:`_Entry` with a graph, or with the reason it has none.
 
@@ -491,6 +569,7 @@ def _trace_signature(view, st, args, kwargs, tensors, values, per_item, num_chai
                             "batch norm's running statistics or spectral norm's power iteration in training "
                             "mode)")
             return entry
+        _fold_constants(gm)
         _simplify(graph)
         graph._codegen = torch.fx.graph.CodeGen()  # plain positional inputs
         graph.lint()

@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from ..energy import check_data, energy_view
-from .kernels import ULA, KernelInfo, KernelState, _column, _langevin_move, potential_and_grad
+from .kernels import ULA, _column, _langevin_move
 
 __all__ = ["AmortizedLangevin"]
 
@@ -19,11 +19,13 @@ class _NoiselessULA(ULA):
     :math:`x' = x - \\gamma\\nabla U(x)` on the potential (the reference code's
     choice for MCMC teaching; it no longer samples :math:`e^{-U}`)."""
 
-    def step(self, state: KernelState) -> tuple[KernelState, KernelInfo]:
-        x, g = state.position, state.grad
-        proposal = x - _column(state.step_size, x) * g
-        u_new, g_new = potential_and_grad(state.potential_fn, proposal)
-        return _langevin_move(state, proposal, u_new, g_new)
+    def step_inputs(self, state):
+        return ()
+
+    def move(self, potential_and_grad_fn, x, u, g, step_size, momentum):
+        proposal = x - _column(step_size, x) * g
+        u_new, g_new = potential_and_grad_fn(proposal)
+        return _langevin_move(x, u, g, momentum, proposal, u_new, g_new)
 
 
 class AmortizedLangevin:

@@ -17,10 +17,19 @@ adaptation, annealing or an amortized initializer wrap a kernel without knowing
 its inside. A chain whose proposal has a non-finite potential or gradient is
 marked ``diverging`` for that step and stays where it was; the other chains
 move on.
+
+Each built-in kernel splits its step in two, so that the arithmetic can be
+compiled (``mcmc.sample(..., compile=True)``): :meth:`~_Kernel.step_inputs` draws
+the step's random numbers (and other per-step numbers) eagerly from torch's
+generator, and :meth:`~_Kernel.move` is a pure function of tensors and of a
+potential-and-gradient function that turns them into the next positions and the
+step's statistics. ``step`` is ``move`` on the autograd gradient of the state's
+potential, so an eager step and a compiled one consume the same random numbers.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple, Optional
 
@@ -104,12 +113,12 @@ def _sq_norm(x):
     return x.pow(2).flatten(1).sum(-1)
 
 
-def _metropolis(log_ratio, like):
-    """Per-chain Metropolis test on ``log_ratio`` (a non-finite ratio rejects):
-    returns the acceptance probability, the ``(C,)`` accept mask and that mask
-    shaped to broadcast against ``like``."""
+def _metropolis(log_ratio, uniform, like):
+    """Per-chain Metropolis test on ``log_ratio`` with the ``(C,)`` uniforms
+    ``uniform`` (a non-finite ratio rejects): returns the acceptance probability,
+    the ``(C,)`` accept mask and that mask shaped to broadcast against ``like``."""
     accept_prob = torch.where(torch.isfinite(log_ratio), log_ratio, -math.inf).clamp(max=0).exp()
-    accept = torch.rand_like(accept_prob) < accept_prob
+    accept = uniform < accept_prob
     return accept_prob, accept, _column(accept, like)
 
 
@@ -199,9 +208,37 @@ class _Kernel:
             iteration=0,
         )
 
-    def step(self, state: KernelState) -> tuple[KernelState, KernelInfo]:  # pragma: no cover - abstract
-        """One step of every chain: the next state and what the step reports."""
+    def step(self, state: KernelState) -> tuple[KernelState, KernelInfo]:
+        """One step of every chain: the next state and what the step reports
+        (:meth:`move` on the autograd gradient of ``state.potential_fn``, with the
+        random numbers of :meth:`step_inputs`)."""
+        inputs = self.step_inputs(state)
+        grad_fn = functools.partial(potential_and_grad, state.potential_fn)
+        out = self.move(grad_fn, state.position, state.potential_energy, state.grad, state.step_size,
+                        state.momentum, *inputs)
+        return self.advance(state, out)
+
+    def step_inputs(self, state: KernelState) -> tuple:  # pragma: no cover - abstract
+        """The step's random numbers (and other per-step numbers), a tuple of tensors
+        drawn eagerly from torch's generator, in the order the step uses them."""
         raise NotImplementedError
+
+    def move(self, potential_and_grad_fn, position, potential_energy, grad, step_size, momentum,
+             *inputs) -> tuple:  # pragma: no cover - abstract
+        """The step as a pure function of tensors: ``potential_and_grad_fn(x)`` returns
+        :math:`(U(x), \\nabla U(x))`; returns ``(position, potential_energy, grad,
+        momentum, accept_prob, is_accepted, diverging, energy)`` after the step
+        (``momentum`` and ``energy`` may be ``None``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def advance(state: KernelState, out: tuple) -> tuple[KernelState, KernelInfo]:
+        """The next state and the step's info from :meth:`move`'s result ``out``."""
+        x, u, g, momentum, accept_prob, accepted, diverging, energy = out
+        state = state._replace(position=x, potential_energy=u, grad=g, momentum=momentum,
+                               iteration=state.iteration + 1)
+        return state, KernelInfo(accept_prob=accept_prob, is_accepted=accepted, diverging=diverging,
+                                 energy=energy)
 
     def __repr__(self):
         fields = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -250,18 +287,13 @@ def _check_finite_positions(position):
         )
 
 
-def _langevin_move(state, proposal, u_new, g_new):
+def _langevin_move(x, u, g, momentum, proposal, u_new, g_new):
     """Keep the proposal where its potential and gradient are finite; elsewhere the
-    chain stays and the step is marked divergent. Returns ``(state, info)``."""
+    chain stays and the step is marked divergent. Returns :meth:`_Kernel.move`'s tuple."""
     ok = torch.isfinite(u_new + g_new.flatten(1).sum(-1))
     keep = _column(ok, proposal)
-    state = state._replace(
-        position=torch.where(keep, proposal, state.position),
-        potential_energy=torch.where(ok, u_new, state.potential_energy),
-        grad=torch.where(keep, g_new, state.grad),
-        iteration=state.iteration + 1,
-    )
-    return state, KernelInfo(accept_prob=ok.to(u_new.dtype), is_accepted=ok, diverging=~ok)
+    return (torch.where(keep, proposal, x), torch.where(ok, u_new, u), torch.where(keep, g_new, g),
+            momentum, ok.to(u_new.dtype), ok, ~ok, None)
 
 
 class ULA(_Kernel):
@@ -288,12 +320,14 @@ class ULA(_Kernel):
     Langevin distributions and their discrete approximations", Bernoulli 1996.
     """
 
-    def step(self, state):
-        x, g = state.position, state.grad
-        h = _column(state.step_size, x)
-        proposal = torch.addcmul(torch.addcmul(x, h, g, value=-1.0), (2 * h).sqrt(), torch.randn_like(x))
-        u_new, g_new = potential_and_grad(state.potential_fn, proposal)
-        return _langevin_move(state, proposal, u_new, g_new)
+    def step_inputs(self, state):
+        return (torch.randn_like(state.position),)
+
+    def move(self, potential_and_grad_fn, x, u, g, step_size, momentum, noise):
+        h = _column(step_size, x)
+        proposal = torch.addcmul(torch.addcmul(x, h, g, value=-1.0), (2 * h).sqrt(), noise)
+        u_new, g_new = potential_and_grad_fn(proposal)
+        return _langevin_move(x, u, g, momentum, proposal, u_new, g_new)
 
 
 class MALA(_Kernel):
@@ -334,26 +368,23 @@ class MALA(_Kernel):
         self.target_accept_prob = float(target_accept_prob)
         self.adapt_step_size = bool(adapt_step_size)
 
-    def step(self, state):
-        x, g, u = state.position, state.grad, state.potential_energy
-        h = _column(state.step_size, x)
-        noise = torch.randn_like(x)
+    def step_inputs(self, state):
+        # the proposal noise, then the accept uniforms: the order of the draws of an
+        # eager step that draws each where it is used
+        return torch.randn_like(state.position), torch.rand_like(state.potential_energy)
+
+    def move(self, potential_and_grad_fn, x, u, g, step_size, momentum, noise, uniform):
+        h = _column(step_size, x)
         proposal = torch.addcmul(torch.addcmul(x, h, g, value=-1.0), (2 * h).sqrt(), noise)
-        u_new, g_new = potential_and_grad(state.potential_fn, proposal)
+        u_new, g_new = potential_and_grad_fn(proposal)
         # log q(x'|x) = -|sqrt(2h) noise|^2 / (4h) = -|noise|^2 / 2, so
         # log_ratio = U(x) - U(x') + |noise|^2 / 2 - |x - x' + h ∇U(x')|^2 / (4h)
-        log_rev = _sq_norm(torch.addcmul(x - proposal, h, g_new)) / (4 * state.step_size)
+        log_rev = _sq_norm(torch.addcmul(x - proposal, h, g_new)) / (4 * step_size)
         log_ratio = torch.add(u - u_new, _sq_norm(noise), alpha=0.5) - log_rev
-        # a non-finite U(x') or ∇U(x') makes log_ratio non-finite
         ok = torch.isfinite(log_ratio)  # a non-finite U(x') or ∇U(x') is a divergence
-        accept_prob, accept, keep = _metropolis(log_ratio, x)
-        state = state._replace(
-            position=torch.where(keep, proposal, x),
-            potential_energy=torch.where(accept, u_new, u),
-            grad=torch.where(keep, g_new, g),
-            iteration=state.iteration + 1,
-        )
-        return state, KernelInfo(accept_prob=accept_prob, is_accepted=accept, diverging=~ok)
+        accept_prob, accept, keep = _metropolis(log_ratio, uniform, x)
+        return (torch.where(keep, proposal, x), torch.where(accept, u_new, u), torch.where(keep, g_new, g),
+                momentum, accept_prob, accept, ~ok, None)
 
 
 class UnderdampedLangevin(_Kernel):
@@ -390,30 +421,25 @@ class UnderdampedLangevin(_Kernel):
         _check_positive("friction", friction)
         self.friction = float(friction)
 
-    def step(self, state):
-        x, g, v = state.position, state.grad, state.momentum
-        h = _column(state.step_size, x)
+    def step_inputs(self, state):
+        return (torch.randn_like(state.position),)
+
+    def move(self, potential_and_grad_fn, x, u, g, step_size, v, noise):
+        h = _column(step_size, x)
         half = 0.5 * h
         decay = torch.exp(-self.friction * h)
-        noise = torch.randn_like(x)
         v_new = v - half * g
         x_new = x + half * v_new
         v_new = decay * v_new + (1 - decay * decay).sqrt() * noise
         x_new = x_new + half * v_new
-        u_new, g_new = potential_and_grad(state.potential_fn, x_new)
+        u_new, g_new = potential_and_grad_fn(x_new)
         v_new = v_new - half * g_new
         ok = torch.isfinite(u_new + g_new.flatten(1).sum(-1) + v_new.flatten(1).sum(-1))
         keep = _column(ok, x)
-        state = state._replace(
-            position=torch.where(keep, x_new, x),
-            potential_energy=torch.where(ok, u_new, state.potential_energy),
-            grad=torch.where(keep, g_new, g),
-            momentum=torch.where(keep, v_new, noise),
-            iteration=state.iteration + 1,
-        )
-        energy = state.potential_energy + 0.5 * _sq_norm(state.momentum)
-        return state, KernelInfo(accept_prob=ok.to(u_new.dtype), is_accepted=ok, diverging=~ok,
-                                 energy=energy)
+        u_out, v_out = torch.where(ok, u_new, u), torch.where(keep, v_new, noise)
+        energy = u_out + 0.5 * _sq_norm(v_out)
+        return (torch.where(keep, x_new, x), u_out, torch.where(keep, g_new, g), v_out,
+                ok.to(u_new.dtype), ok, ~ok, energy)
 
 
 class HMC(_Kernel):
@@ -463,30 +489,28 @@ class HMC(_Kernel):
         self.adapt_step_size = bool(adapt_step_size)
         self.max_delta_energy = float(max_delta_energy)
 
-    def step(self, state):
-        x0, g0, u0 = state.position, state.grad, state.potential_energy
-        eps = _column(state.step_size, x0)
-        p0 = torch.randn_like(x0)
+    def step_inputs(self, state):
+        # the momentum, then the accept uniforms (the order of an eager step)
+        return torch.randn_like(state.position), torch.rand_like(state.potential_energy)
+
+    def move(self, potential_and_grad_fn, x0, u0, g0, step_size, momentum, p0, uniform):
+        eps = _column(step_size, x0)
         p = p0 - 0.5 * eps * g0
         x = x0
         for i in range(self.num_steps):
             x = x + eps * p
-            u, g = potential_and_grad(state.potential_fn, x)
+            u, g = potential_and_grad_fn(x)
             p = p - (eps if i + 1 < self.num_steps else 0.5 * eps) * g
         log_ratio = (u0 + 0.5 * _sq_norm(p0)) - (u + 0.5 * _sq_norm(p))
         finite = torch.isfinite(log_ratio)
         diverging = ~finite | (log_ratio < -self.max_delta_energy)
-        accept_prob, accept, keep = _metropolis(log_ratio, x0)
-        state = state._replace(
-            position=torch.where(keep, x, x0),
-            potential_energy=torch.where(accept, u, u0),
-            grad=torch.where(keep, g, g0),  # restore the cached gradient on rejection
-            iteration=state.iteration + 1,
-        )
+        accept_prob, accept, keep = _metropolis(log_ratio, uniform, x0)
+        u_out = torch.where(accept, u, u0)
         # the Hamiltonian of the chain's point after the step: (x', p') if accepted, else (x, p)
-        energy = state.potential_energy + 0.5 * _sq_norm(torch.where(keep, p, p0))
-        return state, KernelInfo(accept_prob=accept_prob, is_accepted=accept, diverging=diverging,
-                                 energy=energy)
+        energy = u_out + 0.5 * _sq_norm(torch.where(keep, p, p0))
+        # on rejection the chain keeps its cached potential and gradient
+        return (torch.where(keep, x, x0), u_out, torch.where(keep, g, g0), momentum, accept_prob, accept,
+                diverging, energy)
 
 
 class AnnealedLangevin(_Kernel):
@@ -546,11 +570,14 @@ class AnnealedLangevin(_Kernel):
         level = min(iteration // self.steps_per_level, len(self.temperatures) - 1)
         return self.temperatures[level]
 
-    def step(self, state):
-        x, g = state.position, state.grad
-        h = _column(state.step_size, x)
-        temperature = self.temperature(state.iteration)
-        proposal = torch.addcmul(torch.addcmul(x, h, g, value=-1.0), (2 * temperature * h).sqrt(),
-                                 torch.randn_like(x))
-        u_new, g_new = potential_and_grad(state.potential_fn, proposal)
-        return _langevin_move(state, proposal, u_new, g_new)
+    def step_inputs(self, state):
+        # the temperature as a tensor, so that a compiled step serves every level
+        temperature = torch.tensor(self.temperature(state.iteration), dtype=state.position.dtype,
+                                   device=state.position.device)
+        return torch.randn_like(state.position), temperature
+
+    def move(self, potential_and_grad_fn, x, u, g, step_size, momentum, noise, temperature):
+        h = _column(step_size, x)
+        proposal = torch.addcmul(torch.addcmul(x, h, g, value=-1.0), (2 * temperature * h).sqrt(), noise)
+        u_new, g_new = potential_and_grad_fn(proposal)
+        return _langevin_move(x, u, g, momentum, proposal, u_new, g_new)

@@ -10,6 +10,7 @@ import inspect
 import torch
 
 from ..energy import LatentPotential, check_data, check_finite, energy_view
+from ..energy.compile import compile_options
 from ..progress import progress_bar
 from .adaptation import StepSizeAdaptation
 from .kernels import KernelState, NonFiniteStartError
@@ -101,7 +102,8 @@ class Samples:
 
 
 def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_steps=0, thin=1,
-           model_args=(), model_kwargs=None, initial=None, progress=None, *, potential_fn=None) -> Samples:
+           model_args=(), model_kwargs=None, initial=None, progress=None, *, potential_fn=None,
+           compile=False) -> Samples:
     """Run ``num_chains`` chains of ``kernel`` as one batch and keep ``num_samples``
     draws of each after ``warmup_steps`` steps, every ``thin``-th step.
 
@@ -161,7 +163,34 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
         (default) shows it only when standard error is a terminal (see
         :func:`pyro_ebm.progress.progress_enabled`).
     :param callable potential_fn: a potential ``U`` (not with ``model``).
+    :param compile: ``False`` (default) runs ``kernel.step`` eagerly; ``True``, or
+        a dict of ``torch.compile`` keyword arguments (``backend``, ``mode``,
+        ``fullgraph``, ``dynamic``, ``options``), compiles each step, see below;
+        anything else is a ``TypeError``.
     :returns: :class:`Samples`.
+
+    **Compiled steps** (``compile=``). A built-in kernel's step is split into its
+    random numbers, drawn eagerly by ``kernel.step_inputs(state)`` in the order an
+    eager step draws them (proposal noise, momentum, accept uniforms), and
+    ``kernel.move``, a pure function of tensors
+
+    .. math::
+
+        (\\theta, x, U(x), \\nabla U(x), \\epsilon, p, \\xi) \\mapsto
+        (x', U(x'), \\nabla U(x'), p', \\alpha, \\text{accepted}, \\text{diverging}),
+
+    compiled with ``torch.compile`` (:class:`~pyro_ebm.energy.compile.Compiled`;
+    ``mode="reduce-overhead"``, CUDA graphs, on a CUDA device). :math:`U_\\theta`
+    and :math:`\\nabla U_\\theta` come from ``torch.func.grad_and_value`` of the
+    model's traced log density (:meth:`~pyro_ebm.energy.EnergyView.pure`, the
+    parameters :math:`\\theta` passed as tensors, plus the log-determinants of
+    the unconstrained sites), or of ``potential_fn`` itself for a plain
+    potential. So for the same seed a compiled run gives the eager run's draws
+    to rounding. Step-size adaptation and storage stay eager. Where the step
+    cannot be compiled (a model on the Pyro path, see
+    :class:`~pyro_ebm.energy.NotTraced`; a potential ``torch.func`` refuses; a
+    kernel without ``step_inputs`` / ``move``; a step the compiler refuses), one
+    ``UserWarning`` says why and the eager kernel runs.
 
     >>> samples = mcmc.sample(model, mcmc.MALA(0.1), num_chains=1024, num_samples=500,
     ...                       warmup_steps=500, model_args=(v,))
@@ -173,8 +202,11 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
     ...                     num_chains=64, num_samples=200, warmup_steps=200,
     ...                     initial=torch.zeros(64, 2))
     >>> gauss.get_samples()["x"].shape            # (64, 200, 2)
+    >>> fast = mcmc.sample(model, mcmc.MALA(0.1), 1024, 500, warmup_steps=500,
+    ...                    model_args=(v,), compile=True)   # compiled steps, same draws
     """
     _check_model_or_potential(model, potential_fn, model_args, model_kwargs, initial)
+    options = compile_options(compile)
     if kernel is None or not all(callable(getattr(kernel, attr, None)) for attr in ("init", "step")):
         raise TypeError("kernel must have init(position, potential) -> state and "
                         f"step(state) -> (state, info), got {kernel!r}")
@@ -220,8 +252,13 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
         raise ValueError(f"{err}; chain {chain} starts at {at}, {_describe_initial(initial)}") from err
     if last is not None:
         state = _go_on_from(state, last)
+    step = kernel.step
+    if options is not None:
+        from .compiled import compiled_step
+
+        step = compiled_step(kernel, state, options)
     with torch.no_grad():
-        return _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress)
+        return _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress, step)
 
 
 def _check_model_or_potential(model, potential_fn, model_args, model_kwargs, initial):
@@ -252,7 +289,7 @@ def _check_model_or_potential(model, potential_fn, model_args, model_kwargs, ini
                          "*event)> (or a Samples.last_state)")
 
 
-def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress):
+def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress, step):
     adaptation = StepSizeAdaptation.for_kernel(kernel, state, warmup_steps)
     # divergent steps per chain so far: one in-place add per step, read on the host
     # only every `refresh` steps (progress bar, and the check that some chain can move)
@@ -268,7 +305,7 @@ def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress):
     acc_sum = torch.zeros_like(state.potential_energy)
     for i in range(total):
         step_size = state.step_size  # the step size this step runs at
-        state, info = kernel.step(state)
+        state, info = step(state)
         div_count += info.diverging
         if i < warmup_steps:
             if adaptation is not None:

@@ -699,3 +699,36 @@ def test_a_model_failing_on_one_draw_keeps_its_own_error():
     view = EnergyView(broadcasting_logistic)
     with pytest.raises(RuntimeError, match="Long"):
         view.log_density(x, y.long(), values={"w": torch.randn(4, 2, dtype=x.dtype)}, num_chains=4)
+
+
+# -- constants folded at trace time -----------------------------------------------------------
+
+def _prior_model(features):
+    w = pyro.sample("w", dist.Normal(torch.zeros(4, dtype=features.dtype), 1.0).to_event(1))
+    pyro.factor("lik", -(w @ features.T).pow(2).sum(-1))
+
+
+@pytest.mark.parametrize("chains", [16, 20000])
+def test_graph_folds_constant_ops(chains):
+    """The prior's ops on constants (log(scale), loc = 0 expanded over the chains,
+    2 * scale^2) run once at trace time, not in the graph; the values and gradients
+    stay those of the Pyro path, and a constant over many chains is stored at its
+    broadcasting size."""
+    features = torch.randn(5, 4, dtype=torch.float64)
+    view = EnergyView(_prior_model)
+    w = torch.randn(chains, 4, dtype=torch.float64, requires_grad=True)
+    pure = view.pure(features, values={"w": w}, num_chains=chains)
+    module = pure._entry.forward.__self__
+    ops = {n.target for n in module.graph.nodes if n.op == "call_function"}
+    aten = torch.ops.aten
+    assert not ops & {aten.log.default, aten.zeros.default, aten.lift_fresh_copy.default}, ops
+    sub_zero = [n for n in module.graph.nodes
+                if n.target == aten.sub.Tensor and n.args[0].op == "placeholder"]
+    assert not sub_zero  # w - loc with loc = 0 is w
+    assert all(b.numel() <= max(4, 1 << 16) for b in module.buffers())
+    lp = pure(pure.parameters(), features, values={"w": w})
+    ref = view._pyro_log_density(view.structure(features), (features,), {}, {"w": w}, False, chains)
+    torch.testing.assert_close(lp, ref, rtol=1e-12, atol=1e-12)
+    (g,) = torch.autograd.grad(lp.sum(), w)
+    (g_ref,) = torch.autograd.grad(ref.sum(), w)
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
