@@ -31,8 +31,8 @@ import time
 import warnings
 from pathlib import Path
 
-from ..infer.loop import DeferredInterrupt, atomic_write
 from ..infer.trainer import random_state, set_random_state
+from ..longrun import DeferredInterrupt, atomic_write
 
 RUNS = "runs"
 RECORD_FORMAT = "pyro_ebm.run/1"

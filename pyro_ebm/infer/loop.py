@@ -27,11 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import signal
-import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -40,15 +36,15 @@ from pathlib import Path
 import torch
 
 from ..energy import DivergenceError
+from ..longrun import TMP_PREFIX, DeferredInterrupt, atomic_write
 from ..progress import progress_bar
 from .trainer import Trainer
 
-__all__ = ["CHECKPOINT_FORMAT", "DeferredInterrupt", "FitResult", "atomic_write", "fit", "load_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "FitResult", "fit", "load_checkpoint"]
 
 #: the ``"format"`` entry of a checkpoint file
 CHECKPOINT_FORMAT = "pyro_ebm.checkpoint/1"
 _NAME = re.compile(r"step-(\d+)\.pt")
-_TMP_PREFIX = ".tmp-step-"
 #: weight of the newest loss in the bar's moving averages
 _EMA = 0.1
 
@@ -112,39 +108,6 @@ def _checkpoints(folder):
         if m and path.is_file():
             found.append((int(m.group(1)), path))
     return sorted(found, reverse=True)
-
-
-def _fsync_folder(folder):
-    try:  # makes the rename itself durable; not every platform opens folders
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write) -> None:
-    """``write(file)`` into a temporary file in ``path``'s folder (opened in binary
-    mode), flushed and fsynced, then renamed over ``path`` (atomic on POSIX and
-    Windows): a reader sees the old file or the whole new one, and a crash leaves
-    no half-written ``path``. The one way pyro_ebm writes checkpoints, logs it
-    rewrites and run records."""
-    path = Path(path)
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
 
 
 # -- the batches -----------------------------------------------------------------------
@@ -223,36 +186,6 @@ def _tensorboard(log_dir, start):
 
 
 # -- SIGINT ----------------------------------------------------------------------------------
-
-
-class DeferredInterrupt:
-    """While active (main thread only): the first SIGINT (Ctrl-C) sets
-    :attr:`requested` and prints ``message``, for the loop to stop after its
-    current step; the second raises ``KeyboardInterrupt`` at once; the previous
-    handler comes back on exit.
-
-    :param str message: what the first Ctrl-C prints (``None``: nothing).
-    """
-
-    def __init__(self, message=None):
-        self.requested, self.previous, self.message = False, None, message
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        if self.message:
-            print(f"\n{self.message}", file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        return False
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -378,7 +311,7 @@ def fit(trainer, data, num_steps, batch_size=None, *, seed=0, checkpoint=None, c
     start, seconds0, latest = 0, 0.0, None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(f"{_TMP_PREFIX}*"):  # left by a process killed while writing
+        for stale in folder.glob(f"{TMP_PREFIX}step-*"):  # left by a process killed while writing
             stale.unlink(missing_ok=True)
         if resume:
             state, latest = _resume(folder, trainer, expected)

@@ -11,6 +11,7 @@ _WHERE = {
     "AnnealedLangevin": "kernels",
     "sample": "run",
     "Samples": "run",
+    "load_draws": "run",
     "PyroKernel": "pyro_kernel",
     "AmortizedLangevin": "amortized",
 }

@@ -6,16 +6,18 @@ ArviZ layout ``(chain, draw, ...)`` and a progress bar."""
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 
 from ..energy import LatentPotential, check_data, check_finite, energy_view
 from ..energy.compile import compile_options
+from ..longrun import DeferredInterrupt, atomic_write
 from ..progress import progress_bar
 from .adaptation import StepSizeAdaptation
 from .kernels import KernelState, NonFiniteStartError
 
-__all__ = ["Samples", "sample"]
+__all__ = ["Samples", "load_draws", "sample"]
 
 #: all chains diverging on this many consecutive steps (or on every step of a
 #: shorter run) stops the run with an error: no chain can move any more (checked
@@ -103,7 +105,7 @@ class Samples:
 
 def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_steps=0, thin=1,
            model_args=(), model_kwargs=None, initial=None, progress=None, *, potential_fn=None,
-           compile=False) -> Samples:
+           compile=False, checkpoint=None) -> Samples:
     """Run ``num_chains`` chains of ``kernel`` as one batch and keep ``num_samples``
     draws of each after ``warmup_steps`` steps, every ``thin``-th step.
 
@@ -167,7 +169,15 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
         a dict of ``torch.compile`` keyword arguments (``backend``, ``mode``,
         ``fullgraph``, ``dynamic``, ``options``), compiles each step, see below;
         anything else is a ``TypeError``.
+    :param checkpoint: a file path: the draws (see :func:`load_draws`) are written
+        there, atomically, when the run ends or is interrupted.
     :returns: :class:`Samples`.
+
+    **Ctrl-C.** SIGINT during the run ends it after the current step (a second
+    Ctrl-C stops at once): the draws taken so far come back as :class:`Samples`
+    (and go to ``checkpoint``) with a warning that says how many; during warmup
+    that is none, and ``initial=samples.last_state`` goes on from where the
+    chains stopped.
 
     **Compiled steps** (``compile=``). A built-in kernel's step is split into its
     random numbers, drawn eagerly by ``kernel.step_inputs(state)`` in the order an
@@ -258,7 +268,10 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
 
         step = compiled_step(kernel, state, options)
     with torch.no_grad():
-        return _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress, step)
+        samples = _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress, step)
+    if checkpoint is not None:
+        _save_draws(samples, checkpoint)
+    return samples
 
 
 def _check_model_or_potential(model, potential_fn, model_args, model_kwargs, initial):
@@ -294,16 +307,47 @@ def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress, step)
     # divergent steps per chain so far: one in-place add per step, read on the host
     # only every `refresh` steps (progress bar, and the check that some chain can move)
     div_count = torch.zeros(state.position.shape[0], dtype=torch.long, device=state.position.device)
-    warm_div = div_count.clone()
     total = warmup_steps + num_samples * thin
     bar = progress_bar(total=total, progress=progress, leave=True)
     refresh = max(1, total // 100)
     stuck_limit = min(_STUCK_STEPS, total)
-    stuck, checked_at, div_at_check = 0, 0, div_count.clone()  # steps on which every chain diverged
     draws = {"position": [], "accept_prob": [], "step_size": [], "potential_energy": [], "diverging": []}
     energies = []  # the Hamiltonian, from kernels whose info reports one
     acc_sum = torch.zeros_like(state.potential_energy)
+    with DeferredInterrupt("mcmc.sample: interrupted; ending after this step (Ctrl-C again to stop at "
+                           "once)") as interrupt:
+        done = _steps(kernel, state, step, adaptation, total, warmup_steps, thin, bar, refresh, stuck_limit,
+                      draws, energies, acc_sum, div_count, interrupt)
+    state, warm_div, taken = done
+    if bar is not None:
+        bar.close()
+    if taken < total:
+        kept = len(draws["position"])
+        phase = "warmup" if taken < warmup_steps else "sampling"
+        warnings.warn(f"mcmc.sample was interrupted at step {taken} of {total} ({phase}): returning the "
+                      f"{kept} draw(s) per chain taken so far (initial=samples.last_state goes on from "
+                      "there)", UserWarning, stacklevel=3)
+    if draws["position"]:
+        positions = torch.stack(draws.pop("position"), 1)
+        stats = {k: torch.stack(v, 1) for k, v in draws.items()}
+    else:  # interrupted during warmup: no draw, shapes kept
+        positions = state.position.new_zeros((state.position.shape[0], 0) + tuple(state.position.shape[1:]))
+        stats = {k: torch.zeros((state.position.shape[0], 0), dtype=torch.bool if k == "diverging"
+                                else state.potential_energy.dtype, device=state.position.device)
+                 for k in draws if k != "position"}
+    if energies:
+        stats["energy"] = torch.stack(energies, 1)
+    return Samples(positions, stats, unpack, warm_div, state)
+
+
+def _steps(kernel, state, step, adaptation, total, warmup_steps, thin, bar, refresh, stuck_limit, draws,
+           energies, acc_sum, div_count, interrupt):
+    """The steps of :func:`_run`; ``(last state, warmup divergences, steps taken)``."""
+    warm_div = div_count.clone()
+    stuck, checked_at, div_at_check = 0, 0, div_count.clone()  # steps on which every chain diverged
     for i in range(total):
+        if interrupt.requested:
+            return state, warm_div, i
         step_size = state.step_size  # the step size this step runs at
         state, info = step(state)
         div_count += info.diverging
@@ -339,13 +383,31 @@ def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress, step)
                                 divergences=int(div_count.sum()), refresh=False)
                 bar.update(steps)
                 acc_sum.zero_()
-    if bar is not None:
-        bar.close()
-    positions = torch.stack(draws.pop("position"), 1)
-    stats = {k: torch.stack(v, 1) for k, v in draws.items()}
-    if energies:
-        stats["energy"] = torch.stack(energies, 1)
-    return Samples(positions, stats, unpack, warm_div, state)
+    return state, warm_div, total
+
+
+SAMPLES_FORMAT = "pyro_ebm.samples/1"
+
+
+def _save_draws(samples, path):
+    draws = {"format": SAMPLES_FORMAT, "positions": samples.positions, "stats": samples.stats,
+             "warmup_divergences": samples.warmup_divergences, "samples": samples.get_samples(),
+             "last_position": samples.last_state.position, "last_step_size": samples.last_state.step_size}
+    atomic_write(path, lambda f: torch.save(draws, f))
+
+
+def load_draws(path) -> dict:
+    """The draws :func:`sample` wrote to its ``checkpoint`` file: ``positions``
+    (chain, draw, *event), ``stats``, ``warmup_divergences``, ``samples`` (the
+    constrained draws by site), ``last_position`` and ``last_step_size``.
+    Raises a ``ValueError`` naming the file when it is not such a file."""
+    try:
+        found = torch.load(path, weights_only=False)
+    except Exception as err:  # a truncated or foreign file: torch raises many kinds
+        raise ValueError(f"{path} cannot be read as mcmc.sample draws: {type(err).__name__}: {err}") from err
+    if not isinstance(found, dict) or found.get("format") != SAMPLES_FORMAT:
+        raise ValueError(f"{path} is not a file of mcmc.sample draws (format {SAMPLES_FORMAT!r})")
+    return found
 
 
 def _raise_stuck(kernel, state, steps, i, warmup_steps):
