@@ -398,7 +398,7 @@ def _save_draws(samples, path):
 
 def load_draws(path) -> dict:
     """The draws :func:`sample` wrote to its ``checkpoint`` file: ``positions``
-    (chain, draw, *event), ``stats``, ``warmup_divergences``, ``samples`` (the
+    ``(chain, draw, *event)``, ``stats``, ``warmup_divergences``, ``samples`` (the
     constrained draws by site), ``last_position`` and ``last_step_size``.
     Raises a ``ValueError`` naming the file when it is not such a file."""
     try:
