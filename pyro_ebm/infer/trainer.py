@@ -186,6 +186,7 @@ class Level:
         self.params = [p for _, p in named]
         self.pyro_optim = None
         self._groups, self._fused_check = None, True
+        self._group_cache, self._state_cache, self._lr_cache = None, None, {}
         store = pyro.get_param_store()
         self._store_keys = [(i, store.param_name(p)) for i, p in enumerate(self.params)
                             if store.param_name(p) is not None]
@@ -212,8 +213,13 @@ class Level:
         return tuple(out)
 
     def _param_groups(self):
-        by_id = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        return [by_id[id(p)] for p in self.params]
+        """Each parameter's group of the optimizer (cached while the groups stay)."""
+        groups = self.optimizer.param_groups
+        cached = self._group_cache
+        if cached is None or cached[0] is not groups or cached[1] != len(groups):
+            by_id = {id(p): g for g in groups for p in g["params"]}
+            self._group_cache = cached = (groups, len(groups), [by_id[id(p)] for p in self.params])
+        return cached[2]
 
     def adam_state(self, indices):
         """``(exp_avg, exp_avg_sq, step, lr)`` lists of the parameters ``indices``
@@ -221,19 +227,30 @@ class Level:
         first step; ``lr`` as 0-d tensors, so a scheduler's change needs no new
         compilation)."""
         state, groups = self.optimizer.state, self._param_groups()
-        m, v, steps, lrs = [], [], [], []
-        for i in indices:
-            p = self.params[i]
-            st = state[p]
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            m.append(st["exp_avg"])
-            v.append(st["exp_avg_sq"])
-            steps.append(st["step"])
-            lrs.append(torch.as_tensor(groups[i]["lr"], dtype=p.dtype, device=p.device))
-        return m, v, steps, lrs
+        key = (len(state), tuple(indices))
+        cached = self._state_cache
+        if cached is None or cached[0] is not state or cached[1] != key:  # holds the dict: no id reuse
+            m, v, steps = [], [], []
+            for i in indices:
+                p = self.params[i]
+                st = state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                m.append(st["exp_avg"])
+                v.append(st["exp_avg_sq"])
+                steps.append(st["step"])
+            self._state_cache = (state, key, (m, v, steps))
+        lrs = []
+        for i in indices:  # one 0-d tensor per group, dtype and device, new when the rate changes
+            p, lr = self.params[i], groups[i]["lr"]
+            where = (id(groups[i]), p.dtype, p.device)
+            found = self._lr_cache.get(where)
+            if found is None or found[0] != lr:
+                found = self._lr_cache[where] = (lr, torch.as_tensor(lr, dtype=p.dtype, device=p.device))
+            lrs.append(found[1])
+        return (*self._state_cache[2], lrs)
 
     def adopt_store(self):
         """Take the values Pyro's param store holds for this level's parameters when
