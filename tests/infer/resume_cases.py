@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Trainers built the same way in any process, for the resume tests (imported by
-tests/infer/test_resume.py and by the subprocess it starts)."""
+tests/infer/test_resume.py and by the subprocess it starts), and the small modules
+the trainer tests share."""
 
 import pyro
 import pyro.distributions as dist
@@ -49,9 +50,9 @@ class VAE(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self):
+    def __init__(self, latent=H):
         super().__init__()
-        self.net = nn.Linear(D, 2 * H)
+        self.net = nn.Linear(D, 2 * latent)
 
     def forward(self, v):
         loc, raw = self.net(v).chunk(2, -1)

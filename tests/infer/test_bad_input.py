@@ -6,62 +6,16 @@ error; every batch is checked, not only the first of each shape."""
 import re
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import SVI
-from pyro.nn import PyroModule
-from pyro.nn.module import to_pyro_module_
-from torch import nn
+from resume_cases import VAE, D, Encoder, Energy, H  # the set-ups' modules (float32), shared
 
 from pyro_ebm.guides import AmortizedBernoulli, AmortizedNormal
 from pyro_ebm.infer import DSM, KALE, BiDVL, BiSM, ContrastiveDivergence, MCMCTeaching, VaGES
 from pyro_ebm.mcmc import ULA
 from pyro_ebm.models import GEBM, GaussianDecoder, GaussianRBM
 from pyro_ebm.models.nets import MLP
-
-D, H = 2, 3  # data and latent dimensions of every set-up (float32 modules)
-
-
-class Energy(PyroModule):
-    """E(x) = MLP(x), as the Pyro model pyro.factor("energy", -E(x))."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = MLP(D, 1, (8,))
-        to_pyro_module_(self.net)
-
-    def forward(self, x):
-        with pyro.plate("data", len(x)):
-            pyro.factor("energy", -self.net(x).squeeze(-1))
-
-
-class VAE(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.dec, self.enc = nn.Linear(H, D), nn.Linear(D, 2 * H)
-
-    def model(self, x):
-        pyro.module("vae_dec", self.dec)
-        with pyro.plate("data", len(x)):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), H), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(self.dec(z), 0.5).to_event(1), obs=x)
-
-    def guide(self, x):
-        pyro.module("vae_enc", self.enc)
-        loc, raw = self.enc(x).chunk(2, -1)
-        with pyro.plate("data", len(x)):
-            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
-
-
-class Encoder(nn.Module):
-    def __init__(self, latent=H):
-        super().__init__()
-        self.net = nn.Linear(D, 2 * latent)
-
-    def forward(self, v):
-        loc, raw = self.net(v).chunk(2, -1)
-        return loc, nn.functional.softplus(raw) + 1e-3
 
 
 def adam():
