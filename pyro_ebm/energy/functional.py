@@ -26,14 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from .traced import _Stale, _tensor_leaves
+from .traced import NotTraced, _Stale, _tensor_leaves
 
 __all__ = ["NotTraced", "PureDensity"]
-
-
-class NotTraced(RuntimeError):
-    """The signature runs on the Pyro path, so it has no pure function; the
-    message says why."""
 
 
 class PureDensity:

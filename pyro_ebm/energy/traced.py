@@ -78,7 +78,7 @@ from pyro.poutine.runtime import _PYRO_STACK, am_i_wrapped
 from pyro.poutine.trace_messenger import TraceMessenger
 from torch.distributions import constraints, transform_to
 
-__all__ = ["MAX_SIGNATURES", "FastPath", "Path", "default_traced", "prior_draws"]
+__all__ = ["MAX_SIGNATURES", "FastPath", "NotTraced", "Path", "default_traced", "prior_draws"]
 
 log = logging.getLogger("pyro_ebm.energy")
 _STORE = pyro.get_param_store()  # the one global param store (clearing it keeps the object)
@@ -118,6 +118,11 @@ class Path(str):
     def __repr__(self):
         extra = "".join(f", {k}={v!r}" for k, v in (("chains", self.chains), ("reason", self.reason)) if v)
         return f"Path({str(self)!r}{extra})"
+
+
+class NotTraced(RuntimeError):
+    """The signature runs on the Pyro path, so it has no pure function
+    (:meth:`~pyro_ebm.energy.EnergyView.pure`); the message says why."""
 
 
 class _Stale(Exception):
@@ -644,8 +649,7 @@ class FastPath:
 
     def pure(self, st, args, kwargs, values, per_item, num_chains):
         """``(entry, vmapped)`` of the signature, traced now; raises
-        :class:`~pyro_ebm.energy.functional.NotTraced` on the Pyro path."""
-        from .functional import NotTraced
+        :class:`NotTraced` on the Pyro path."""
 
         vmapped = False
         if num_chains:

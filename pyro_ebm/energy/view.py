@@ -263,7 +263,7 @@ class EnergyView:
         :class:`~pyro_ebm.energy.functional.PureDensity`, for ``torch.func`` and
         ``torch.compile``. Traces now if need be.
 
-        :raises ~pyro_ebm.energy.functional.NotTraced: the signature runs on the
+        :raises ~pyro_ebm.energy.NotTraced: the signature runs on the
             Pyro path (the message says why).
         """
         from .functional import PureDensity
