@@ -10,6 +10,8 @@ from pyro.optim import PyroOptim
 
 from ..energy import check_dtype, check_finite, nonfinite_entry
 from .checks import at_step, check_batch
+from .distributed import log_mean_exp as global_log_mean_exp
+from .distributed import world_size
 from .trainer import Trainer, module_parameters
 
 __all__ = ["KALE"]
@@ -238,6 +240,8 @@ class KALE(Trainer):
         # a refusal (e.g. a backend that does not exist) stands for both updates: one warning
         if any(getattr(c, "fell_back", False) for c in self._compiled_steps.values()):
             return None
+        if world_size() > 1:  # the global log-mean-exp's all_reduce runs eagerly
+            return None
         return super()._compiled(key, build, what)
 
     def _energy(self, x, params=None):
@@ -263,7 +267,7 @@ class KALE(Trainer):
         e_g = energy(x_g)
         if self.energy_floor is not None:
             e_p, e_g = e_p.clamp(min=self.energy_floor), e_g.clamp(min=self.energy_floor)
-        kale = 1.0 - (e_p + c).mean() - torch.exp(_log_mean_exp(-e_g - c))
+        kale = 1.0 - (e_p + c).mean() - torch.exp(global_log_mean_exp(-e_g - c))
         if alpha is None:
             return -kale, kale
         grad = input_grad(energy, alpha * x + (1 - alpha) * x_g)
@@ -333,7 +337,7 @@ class KALE(Trainer):
     def _generator_loss(self, x, x_g, params=None):
         with torch.no_grad():
             data_term = self._energy(x, params).mean()
-        return -data_term - _log_mean_exp(-self._energy(x_g, params))
+        return -data_term - global_log_mean_exp(-self._energy(x_g, params))
 
     def _generator_update(self, x):
         where = "generator update"
