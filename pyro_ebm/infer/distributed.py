@@ -33,6 +33,7 @@ seed it with :func:`seed_by_rank` (``seed + rank``).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -121,6 +122,16 @@ def broadcast_parameters(params):
                 offset += n
 
 
+def _differentiable_all_reduce(t):
+    """``torch.distributed.nn.functional.all_reduce`` (sum, differentiable): torch 2.x
+    marks it deprecated for a private module that has no autograd for all_reduce."""
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(t)
+
+
 def differentiable_mean(tensors):
     """The tensors averaged over the ranks by one differentiable ``all_reduce``
     (``torch.distributed.nn.functional.all_reduce``; its backward sums the
@@ -131,10 +142,8 @@ def differentiable_mean(tensors):
     size = world_size()
     if size == 1:
         return tensors
-    from torch.distributed.nn.functional import all_reduce
-
     for idx in _buckets(tensors).values():
-        flat = all_reduce(torch.cat([tensors[i].reshape(-1) for i in idx])) / size
+        flat = _differentiable_all_reduce(torch.cat([tensors[i].reshape(-1) for i in idx])) / size
         for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx]), strict=True):
             tensors[i] = part.view_as(tensors[i])
     return tensors
@@ -155,8 +164,6 @@ def log_mean_exp(t):
     size = world_size()
     if size == 1:
         return torch.logsumexp(t, 0) - math.log(t.shape[0])
-    from torch.distributed.nn.functional import all_reduce
-
     dist = torch.distributed
     with torch.no_grad():
         m = t.detach().amax()
@@ -164,5 +171,5 @@ def log_mean_exp(t):
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
         n = torch.tensor(float(t.shape[0]), dtype=t.dtype, device=t.device)
         dist.all_reduce(n)
-    total = all_reduce((t - m).exp().sum())
+    total = _differentiable_all_reduce((t - m).exp().sum())
     return m + total.log() - n.log()

@@ -274,6 +274,10 @@ class KALE(Trainer):
         penalty = grad.reshape(len(x), -1).pow(2).sum(-1).mean()
         return -kale + self.penalty * penalty, kale
 
+    def _clip_last(self, grads):
+        grads[-1] = self._clip_c(grads[-1])
+        return grads
+
     def _clip_c(self, grad):
         """The soft clip :math:`\\kappa\\tanh(g / \\kappa)` of :math:`c`'s gradient."""
         if self.c_grad_clip is None or grad is None:
@@ -295,8 +299,9 @@ class KALE(Trainer):
         self._watch("critic", "the critic loss", loss, where, diagnose=diagnose)
         critic = self.levels["critic"]
         grads = list(torch.autograd.grad(loss, critic.params, allow_unused=True))
-        grads[-1] = self._clip_c(grads[-1])  # c is the level's last parameter
-        self._apply("critic", grads, where)
+        # c is the level's last parameter; its gradient is clipped after the ranks' mean (a clip is
+        # not linear)
+        self._apply("critic", grads, where, then=self._clip_last)
         return loss.detach(), kale.detach()
 
     def _compiled_critic_update(self, x, x_g, alpha, where, diagnose):

@@ -768,15 +768,18 @@ class Trainer:
         grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
         self._apply(level, grads, where)
 
-    def _apply(self, level, grads, where=None):
+    def _apply(self, level, grads, where=None, then=None):
         """One step of ``level``'s optimizer with ``grads`` (aligned with its
         parameters), averaged over the ranks under a process group
         (:func:`~pyro_ebm.infer.distributed.average_gradients`); the updated
         parameters are checked at the end of the step (and, when one is
-        non-finite, the gradients, to say which went first)."""
+        non-finite, the gradients, to say which went first). ``then(grads) ->
+        grads``, when given, transforms the combined gradients (e.g. a clip)."""
         self._level_now = level
         # the one place ranks combine gradients (a no-op in one process)
         grads = average_gradients(grads, summed=level in self.summed_levels)
+        if then is not None:
+            grads = then(grads)
         flags = self.levels[level].apply(grads)
         self._records.append(_Record("update", level, None, where, flags, refs=grads))
 
