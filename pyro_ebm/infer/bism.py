@@ -20,6 +20,7 @@ from ..energy import (
     trainable_parameters,
 )
 from .checks import ALL_FINITE, at_step, check_batch, describe_nonfinite
+from .distributed import world_size
 from .pure_steps import hypergradient, lower_grad, pure_parts
 from .score_matching import SSM, ScoreObjective
 from .trainer import Trainer, collect_parameters, require_adam
@@ -363,7 +364,11 @@ class BiSM(Trainer):
 
     def _compiled_upper(self, parts, v, rest, kwargs):
         """The upper-level update with the hypergradient of a compiled pure function;
-        the upper loss, or ``None`` after the compiler refused it."""
+        the upper loss, or ``None`` after the compiler refused it, or under a process
+        group with unrolled steps (their gradients are averaged over the ranks by a
+        collective, which a compiled graph cannot run: the eager upper level runs)."""
+        if self.unroll_steps and world_size() > 1:
+            return None
         fn = self._compiled(("upper", signature_key(v, rest, kwargs)),
                             lambda: hypergradient(self, parts, _Unrolled(self), rest, kwargs),
                             f"{self.algorithm}'s hypergradient")

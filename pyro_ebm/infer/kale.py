@@ -10,6 +10,8 @@ from pyro.optim import PyroOptim
 
 from ..energy import check_dtype, check_finite, nonfinite_entry
 from .checks import at_step, check_batch
+from .distributed import log_mean_exp as global_log_mean_exp
+from .distributed import world_size
 from .trainer import Trainer, module_parameters
 
 __all__ = ["KALE"]
@@ -238,6 +240,8 @@ class KALE(Trainer):
         # a refusal (e.g. a backend that does not exist) stands for both updates: one warning
         if any(getattr(c, "fell_back", False) for c in self._compiled_steps.values()):
             return None
+        if world_size() > 1:  # the global log-mean-exp's all_reduce runs eagerly
+            return None
         return super()._compiled(key, build, what)
 
     def _energy(self, x, params=None):
@@ -263,12 +267,16 @@ class KALE(Trainer):
         e_g = energy(x_g)
         if self.energy_floor is not None:
             e_p, e_g = e_p.clamp(min=self.energy_floor), e_g.clamp(min=self.energy_floor)
-        kale = 1.0 - (e_p + c).mean() - torch.exp(_log_mean_exp(-e_g - c))
+        kale = 1.0 - (e_p + c).mean() - torch.exp(global_log_mean_exp(-e_g - c))
         if alpha is None:
             return -kale, kale
         grad = input_grad(energy, alpha * x + (1 - alpha) * x_g)
         penalty = grad.reshape(len(x), -1).pow(2).sum(-1).mean()
         return -kale + self.penalty * penalty, kale
+
+    def _clip_last(self, grads):
+        grads[-1] = self._clip_c(grads[-1])
+        return grads
 
     def _clip_c(self, grad):
         """The soft clip :math:`\\kappa\\tanh(g / \\kappa)` of :math:`c`'s gradient."""
@@ -291,8 +299,9 @@ class KALE(Trainer):
         self._watch("critic", "the critic loss", loss, where, diagnose=diagnose)
         critic = self.levels["critic"]
         grads = list(torch.autograd.grad(loss, critic.params, allow_unused=True))
-        grads[-1] = self._clip_c(grads[-1])  # c is the level's last parameter
-        self._apply("critic", grads, where)
+        # c is the level's last parameter; its gradient is clipped after the ranks' mean (a clip is
+        # not linear)
+        self._apply("critic", grads, where, then=self._clip_last)
         return loss.detach(), kale.detach()
 
     def _compiled_critic_update(self, x, x_g, alpha, where, diagnose):
@@ -333,7 +342,7 @@ class KALE(Trainer):
     def _generator_loss(self, x, x_g, params=None):
         with torch.no_grad():
             data_term = self._energy(x, params).mean()
-        return -data_term - _log_mean_exp(-self._energy(x_g, params))
+        return -data_term - global_log_mean_exp(-self._energy(x_g, params))
 
     def _generator_update(self, x):
         where = "generator update"

@@ -17,6 +17,17 @@ the step alone, so a resumed run sees the batches the uninterrupted run saw,
 and, since a checkpoint holds the trainer's :meth:`~pyro_ebm.infer.Trainer.state_dict`
 (random states included), it takes the same steps bit for bit on CPU.
 
+Under an initialized ``torch.distributed`` process group of :math:`W > 1`
+processes (e.g. started by ``torchrun``), every rank computes the same
+:math:`\\pi_e` and takes its slice of each global batch: rank :math:`r` steps on
+rows :math:`[r b/W, (r+1) b/W)` of it (``DistributedSampler`` semantics; :math:`b`
+must divide by :math:`W`), so the ranks together see the batches one process
+sees, and the trainers average the gradients (:mod:`pyro_ebm.infer.distributed`).
+Rank 0 alone writes the checkpoints, the CSV and TensorBoard logs and shows
+the bar; the logged losses are the means over the ranks. A checkpoint records
+:math:`W` and every rank's random states, so a run resumes with the same
+:math:`W` (another is refused) and each rank continues its own random stream.
+
 Checkpoints are files ``step-00001000.pt`` in the folder ``checkpoint``, each
 written to a temporary file in the same folder, flushed to disk and renamed
 over its name, so a crash never leaves a half-written ``step-*.pt``; the newest
@@ -38,7 +49,8 @@ import torch
 from ..energy import DivergenceError
 from ..longrun import TMP_PREFIX, DeferredInterrupt, atomic_write
 from ..progress import progress_bar
-from .trainer import Trainer
+from .distributed import rank, world_size
+from .trainer import Trainer, random_state, set_random_state
 
 __all__ = ["CHECKPOINT_FORMAT", "FitResult", "fit", "load_checkpoint"]
 
@@ -114,22 +126,30 @@ def _checkpoints(folder):
 
 
 class _Batches:
-    """Step -> batch by arithmetic (see the module docstring)."""
+    """Step -> batch by arithmetic (see the module docstring): this rank's
+    ``1 / shards`` of it."""
 
-    def __init__(self, tensors, batch_size, seed):
+    def __init__(self, tensors, batch_size, seed, shard=0, shards=1):
         self.tensors, self.batch_size, self.seed = tensors, batch_size, seed
+        self.shard, self.shards = shard, shards
         self.n = len(tensors[0])
         self.per_epoch = self.n // batch_size if batch_size is not None else 1
         self._epoch, self._perm = None, None
 
     def __call__(self, step):
         if self.batch_size is None:
-            return self.tensors
+            if self.shards == 1:
+                return self.tensors
+            size = self.n // self.shards
+            return tuple(t[self.shard * size:(self.shard + 1) * size] for t in self.tensors)
         epoch, pos = divmod(step, self.per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         rows = self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+        if self.shards > 1:
+            size = self.batch_size // self.shards
+            rows = rows[self.shard * size:(self.shard + 1) * size]
         return tuple(t[rows.to(t.device)] for t in self.tensors)
 
 
@@ -226,7 +246,7 @@ def _resume(folder, trainer, expected):
             continue
         state = found["fit"]
         for key, value in expected.items():
-            if state.get(key) != value:
+            if state.get(key, 1 if key == "world_size" else None) != value:  # older files: one process
                 raise ValueError(f"fit(resume=True): the checkpoint {path} was written with "
                                  f"{key}={state.get(key)!r}, this call has {key}={value!r}; resume with the "
                                  "same data and arguments (or load the trainer alone with "
@@ -236,8 +256,22 @@ def _resume(folder, trainer, expected):
         except ValueError as err:
             raise ValueError(f"fit(resume=True): the checkpoint {path} does not fit this trainer: "
                              f"{err}") from err
+        mine = state.get("rng_by_rank")
+        if mine is not None:  # each rank continues its own random stream
+            set_random_state(mine[rank()])
         return state, path
     return None, None
+
+
+def _across_ranks(losses, requested, shards):
+    """``(losses averaged over the ranks, whether any rank was interrupted)`` by
+    one ``all_reduce``."""
+    values = torch.tensor([float(requested), *losses.values()], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        values = values.cuda()
+    torch.distributed.all_reduce(values)
+    values = values.tolist()
+    return dict(zip(losses, (v / shards for v in values[1:]), strict=True)), values[0] > 0
 
 
 def fit(trainer, data, num_steps, batch_size=None, *, seed=0, checkpoint=None, checkpoint_every=1000,
@@ -263,6 +297,11 @@ def fit(trainer, data, num_steps, batch_size=None, *, seed=0, checkpoint=None, c
     - SIGINT / Ctrl-C (in the main thread) finishes the current step, writes a
       checkpoint and returns with ``interrupted=True``; a second Ctrl-C raises
       ``KeyboardInterrupt`` at once. The previous handler is restored.
+    - Under a ``torch.distributed`` process group each rank steps on its slice
+      of every batch (see the module docstring); ``batch_size`` (or, with
+      ``batch_size=None``, the number of items) must divide by the world size,
+      rank 0 alone writes and shows the bar, and resuming needs the world size
+      the checkpoint was written with.
     - A :class:`~pyro_ebm.infer.DivergenceError` stops the loop and is re-raised
       (it names the step); nothing is written after it, so the last checkpoint
       is byte for byte the last good state.
@@ -299,6 +338,12 @@ def fit(trainer, data, num_steps, batch_size=None, *, seed=0, checkpoint=None, c
         if batch_size > n:
             raise ValueError(f"batch_size={batch_size} exceeds the {n} items of data")
     _check_int("seed", seed, 0)
+    shards, shard = world_size(), rank()
+    if shards > 1:
+        total, what = (batch_size, "batch_size") if batch_size is not None else (n, "the number of items")
+        if total % shards:
+            raise ValueError(f"fit under a process group of {shards} processes splits each batch evenly, but "
+                             f"{what} = {total} does not divide by the world size {shards}")
     _check_int("checkpoint_every", checkpoint_every, 1)
     _check_int("keep", keep, 1)
     folder = Path(checkpoint) if checkpoint is not None else None
@@ -307,11 +352,12 @@ def fit(trainer, data, num_steps, batch_size=None, *, seed=0, checkpoint=None, c
     if log is None and folder is not None:
         log = folder / "metrics.csv"
 
-    expected = {"num_items": n, "batch_size": batch_size, "seed": seed}
+    expected = {"num_items": n, "batch_size": batch_size, "seed": seed, "world_size": shards}
+    writes = shard == 0
     start, seconds0, latest = 0, 0.0, None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(f"{TMP_PREFIX}step-*"):  # left by a process killed while writing
+        for stale in folder.glob(f"{TMP_PREFIX}step-*") if writes else ():  # left by a killed writer
             stale.unlink(missing_ok=True)
         if resume:
             state, latest = _resume(folder, trainer, expected)
@@ -324,10 +370,10 @@ def fit(trainer, data, num_steps, batch_size=None, *, seed=0, checkpoint=None, c
     if start >= num_steps:
         return FitResult(num_steps=start, interrupted=False, checkpoint=latest, losses={})
 
-    batches = _Batches(tensors, batch_size, seed)
-    writer = _tensorboard(tensorboard, start) if tensorboard is not None else None
-    metrics = _Csv(log, start) if log is not None else None
-    bar = progress_bar(total=num_steps, desc=trainer.algorithm, progress=progress)
+    batches = _Batches(tensors, batch_size, seed, shard, shards)
+    writer = _tensorboard(tensorboard, start) if tensorboard is not None and writes else None
+    metrics = _Csv(log, start) if log is not None and writes else None
+    bar = progress_bar(total=num_steps, desc=trainer.algorithm, progress=progress if writes else False)
     if bar is not None:
         bar.unit = "step"
         bar.n = bar.last_print_n = bar.initial = start  # rates count this run's steps only
@@ -341,9 +387,15 @@ def fit(trainer, data, num_steps, batch_size=None, *, seed=0, checkpoint=None, c
         path = folder / f"step-{step:08d}.pt"
         state = {"step": step, "num_steps": num_steps, "seconds": seconds0 + time.perf_counter() - t0,
                  **expected}
+        if shards > 1:  # every rank's random states (a collective: all ranks call save)
+            gathered = [None] * shards
+            torch.distributed.all_gather_object(gathered, random_state())
+            state["rng_by_rank"] = gathered
+        latest, written = path, step
+        if not writes:
+            return
         ckpt = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "fit": state}
         atomic_write(path, lambda f: torch.save(ckpt, f))
-        latest, written = path, step
         # newer files are ones a resume skipped (unreadable): never let them crowd out good ones
         for _, old in [c for c in _checkpoints(folder) if c[0] <= step][keep:]:
             old.unlink(missing_ok=True)
@@ -362,6 +414,9 @@ def fit(trainer, data, num_steps, batch_size=None, *, seed=0, checkpoint=None, c
                     raise
                 step += 1
                 losses = {k: float(v) for k, v in trainer.last_losses.items()}
+                if shards > 1:  # one collective: the ranks' mean losses, and whether any was interrupted
+                    losses, stop = _across_ranks(losses, interrupts.requested, shards)
+                    interrupts.requested = interrupts.requested or stop
                 for k, v in losses.items():
                     history.setdefault(k, []).append(v)
                     ema[k] = v if k not in ema else (1 - _EMA) * ema[k] + _EMA * v
@@ -381,6 +436,8 @@ def fit(trainer, data, num_steps, batch_size=None, *, seed=0, checkpoint=None, c
                     save()
             if folder is not None and written != step:
                 save()
+        if shards > 1:  # rank 0's last checkpoint is on disk before any rank returns
+            torch.distributed.barrier()
     finally:
         if bar is not None:
             bar.close()

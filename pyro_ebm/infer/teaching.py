@@ -121,6 +121,9 @@ class MCMCTeaching(Trainer):
     main_loss = "ebm_loss"
     advice = "lower the learning rates or the Langevin step size"
 
+    #: the VAE's loss is Pyro's Trace_ELBO, a sum over the batch
+    summed_levels = frozenset({"vae"})
+
     def __init__(self, energy_model, vae_model, vae_guide, optim, vae_optim, kernel,
                  num_langevin_steps=20, num_chains=None, noise=True, obs_site=None, event_shape=None,
                  energy_penalty=0.0, compile=False):

@@ -15,7 +15,9 @@ of that level (the trainable parameters of an ``nn.Module`` or
 sites of one run), and ONE torch optimizer over all of them, built from the
 ``pyro.optim`` object the user passed. Updates take one path: gradients, then
 the optimizer step, with the loss, every gradient and every updated parameter
-checked for NaN / Inf by one host sync per step. A step that diverges raises
+checked for NaN / Inf by one host sync per step. Under an initialized
+``torch.distributed`` process group the gradients are combined over the ranks
+on that path (:mod:`pyro_ebm.infer.distributed`). A step that diverges raises
 :class:`DivergenceError` naming the step and the level, and leaves every
 parameter and optimizer state as it was before the step.
 """
@@ -36,6 +38,7 @@ from pyro.params.param_store import module_from_param_with_module_name, normaliz
 from ..energy import DivergenceError, NotTraced, is_validation_error, nonfinite_entry
 from ..energy.compile import Compiled, compile_options
 from ..energy.params import adopt_store, collect_parameters, module_parameters, param_sites
+from .distributed import average_gradients, broadcast_parameters, world_size
 
 __all__ = ["Level", "Trainer", "collect_parameters", "make_optimizer", "module_parameters", "param_sites",
            "random_state", "require_adam", "set_random_state"]
@@ -500,6 +503,9 @@ class Trainer:
     main_loss = "loss"
     #: what a divergence message advises
     advice = "lower the learning rate"
+    #: levels whose loss is a sum over the batch (not a mean): their gradients are
+    #: summed over the ranks of a process group instead of averaged
+    summed_levels = frozenset()
 
     def __init__(self, levels, compile=False):
         self.compile_options = compile_options(compile)
@@ -702,7 +708,9 @@ class Trainer:
                       for ps in params)
         used = sorted({i for slot in slots for _, i in slot})
         shapes = tuple(tuple(lv.params[i].shape) for i in used)
-        adam = lv.adam_hyperparameters(used)
+        # under a process group the gradients are averaged over the ranks before Adam steps, so
+        # the compiled function returns them and the step runs in _apply
+        adam = lv.adam_hyperparameters(used) if world_size() == 1 else None
         key = (key, tuple(id(d._entry) for d in densities), slots, adam)
 
         def build():
@@ -777,12 +785,18 @@ class Trainer:
         grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
         self._apply(level, grads, where)
 
-    def _apply(self, level, grads, where=None):
+    def _apply(self, level, grads, where=None, then=None):
         """One step of ``level``'s optimizer with ``grads`` (aligned with its
-        parameters); the updated parameters are checked at the end of the step
-        (and, when one is non-finite, the gradients, to say which went first)."""
+        parameters), averaged over the ranks under a process group
+        (:func:`~pyro_ebm.infer.distributed.average_gradients`); the updated
+        parameters are checked at the end of the step (and, when one is
+        non-finite, the gradients, to say which went first). ``then(grads) ->
+        grads``, when given, transforms the combined gradients (e.g. a clip)."""
         self._level_now = level
-        grads = list(grads)
+        # the one place ranks combine gradients (a no-op in one process)
+        grads = average_gradients(grads, summed=level in self.summed_levels)
+        if then is not None:
+            grads = then(grads)
         flags = self.levels[level].apply(grads)
         self._records.append(_Record("update", level, None, where, flags, refs=grads))
 
@@ -833,6 +847,8 @@ class Trainer:
             if optim is None or not named:
                 continue
             self.levels[name] = Level(name, optim, named)
+        # data-parallel: every rank starts from rank 0's parameters (identical updates keep them so)
+        broadcast_parameters([p for level in self.levels.values() for p in level.params])
         if self._pending_state:
             for name in list(self._pending_state):
                 if name in self.levels:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..energy import trainable_parameters
+from .distributed import differentiable_mean
 
 __all__ = ["UnrolledAdam", "check_unrollable"]
 
@@ -70,7 +71,10 @@ class UnrolledAdam:
 
     exactly as ``torch.optim.Adam`` does, but out of place, so the result is a
     differentiable function of whatever :math:`L` depends on. The real
-    parameters and the optimizer's own state are left untouched.
+    parameters and the optimizer's own state are left untouched. Under a
+    ``torch.distributed`` process group :math:`g` is the mean over the ranks,
+    by a differentiable ``all_reduce``
+    (:func:`~pyro_ebm.infer.distributed.differentiable_mean`).
 
     :param torch.optim.Optimizer optimizer: a ``torch.optim.Adam`` or ``AdamW``
         holding the real parameters (fused, foreach or single-tensor alike).
@@ -119,6 +123,8 @@ class UnrolledAdam:
         advances with them)."""
         names = list(weights)
         grads = torch.autograd.grad(loss, [weights[n] for n in names], create_graph=True, allow_unused=True)
+        # data-parallel: the ranks' gradients averaged, differentiably (a no-op in one process)
+        grads = differentiable_mean(grads)
         new, self.state = self.update(weights, dict(zip(names, grads, strict=True)), self.state)
         return new
 
