@@ -19,13 +19,13 @@ import torch
 from pyro.nn import PyroModule
 
 from pyro_ebm import mcmc
-from pyro_ebm.infer import DSM, KALE, BiSM, ExactSM, MCMCTeaching, ScoreMatching, fit
+from pyro_ebm.infer import DSM, KALE, BiDVL, BiSM, ExactSM, MCMCTeaching, ScoreMatching, fit
 from pyro_ebm.infer.distributed import rank, world_size
 from pyro_ebm.models import GEBM
 
 D64 = torch.float64
 GLOBAL_BATCH, STEPS = 8, 3
-NAMES = ("exact_sm", "dsm", "bism", "kale", "teaching")
+NAMES = ("exact_sm", "dsm", "bism", "kale", "teaching", "bidvl")
 
 
 class SlicedDraws:
@@ -167,6 +167,34 @@ def delta_guide(x):
         pyro.sample("z", dist.Delta(x @ a).to_event(1))
 
 
+class SlicedDecoder(torch.nn.Module):
+    """p(h) p(v | h): h ~ N(0, I), v | h ~ N(W h + c, 0.5² I), both drawn from ``DRAWS``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2).double()
+
+    def forward(self, v):
+        pyro.module("sliced_decoder", self)
+        with pyro.plate("data", v.shape[0]):
+            h = pyro.sample("h", SlicedNormal(v.new_zeros(v.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("v", SlicedNormal(self.lin(h), 0.5).to_event(1), obs=v)
+
+
+class SlicedEncoder(torch.nn.Module):
+    """q(h | v) = N(A v + b, softplus(·)²), drawn from ``DRAWS``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 4).double()
+
+    def forward(self, v):
+        pyro.module("sliced_encoder", self)
+        loc, raw = self.lin(v).chunk(2, -1)
+        with pyro.plate("data", v.shape[0]):
+            pyro.sample("h", SlicedNormal(loc, torch.nn.functional.softplus(raw) + 1e-3).to_event(1))
+
+
 def data(name):
     """``STEPS`` global batches of ``GLOBAL_BATCH`` rows."""
     g = torch.Generator().manual_seed(7)
@@ -195,6 +223,9 @@ def build(name):
     if name == "teaching":
         return MCMCTeaching(quadratic_ebm, linear_vae_model, delta_guide, adam, pyro.optim.Adam({"lr": 0.05}),
                             kernel=mcmc.ULA(0.05), num_langevin_steps=3, noise=False)
+    if name == "bidvl":
+        return BiDVL(MLPEnergy(), SlicedDecoder(), SlicedEncoder(), adam, pyro.optim.Adam({"lr": 0.03}),
+                     inner_steps=2, unroll_steps=2, obs_site="v")
     raise ValueError(name)
 
 

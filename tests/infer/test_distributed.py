@@ -51,7 +51,7 @@ def _worst(a, b):
 
 
 @pytest.mark.parametrize("name, tol", [("exact_sm", 1e-6), ("dsm", 1e-5), ("bism", 1e-5), ("kale", 1e-5),
-                                       ("teaching", 1e-5)])
+                                       ("teaching", 1e-5), ("bidvl", 1e-5)])
 def test_two_half_batches_equal_one_whole_batch(ranks, name, tol):
     results, _ = ranks
     reference = cases.train(name)  # one process, no process group, the whole batch
