@@ -101,7 +101,8 @@ class MLPEnergy(_EnergyModel):
         else:
             if y is None:
                 raise ValueError(f"MLPEnergy has num_classes={self.num_classes} and needs the labels y")
-            f = out.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            # leading (chain) dims of v broadcast over the labels
+            f = out.gather(-1, y.unsqueeze(-1).expand(*out.shape[:-1], 1)).squeeze(-1)
         return f if self.base_scale is None else f + self._base(v)
 
 
