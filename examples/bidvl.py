@@ -15,39 +15,12 @@ import argparse
 
 import pyro
 import torch
-from pyro.nn import PyroModule
-from pyro.nn.module import to_pyro_module_
 
 from pyro_ebm import datasets, mcmc
 from pyro_ebm.guides import AmortizedNormal
 from pyro_ebm.infer import BiDVL
-from pyro_ebm.models import GaussianDecoder
-from pyro_ebm.models.nets import MLP
-
-
-class Energy(PyroModule):
-    """The energy-based model p(v) ∝ exp(-E(v)) as a Pyro model of the data."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.energy = MLP(dim, 1, (hidden, hidden))
-        to_pyro_module_(self.energy)
-
-    def forward(self, v):
-        with pyro.plate("data", v.shape[0]):
-            pyro.factor("energy", -self.energy(v).squeeze(-1))
-
-
-class Encoder(torch.nn.Module):
-    """v -> (loc, scale) of q(h | v)."""
-
-    def __init__(self, dim, latent, hidden):
-        super().__init__()
-        self.net = MLP(dim, 2 * latent, (hidden,))
-
-    def forward(self, v):
-        loc, raw = self.net(v).chunk(2, -1)
-        return loc, torch.nn.functional.softplus(raw) + 1e-3
+from pyro_ebm.models import GaussianDecoder, MLPEnergy
+from pyro_ebm.models.nets import MLP, GaussianEncoder
 
 
 def main(argv=None):
@@ -71,9 +44,9 @@ def main(argv=None):
     x_train, x_test = datasets.digits("train"), datasets.digits("test")
     dim = x_train.shape[1]
 
-    ebm = Energy(dim, args.hidden)
+    ebm = MLPEnergy(dim, (args.hidden, args.hidden))            # p(v) ∝ exp(-E(v)), E an MLP
     decoder = GaussianDecoder(MLP(args.latent, dim, (args.hidden,)), args.latent, scale=args.decoder_scale)
-    encoder = AmortizedNormal(Encoder(dim, args.latent, args.hidden), site="h")
+    encoder = AmortizedNormal(GaussianEncoder(dim, args.latent, (args.hidden,)), site="h")
     bidvl = BiDVL(ebm, decoder, encoder,
                   optim=pyro.optim.Adam({"lr": args.energy_lr, "betas": (0.5, 0.999)}),
                   vae_optim=pyro.optim.Adam({"lr": args.vae_lr}),

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["TOY_NAMES", "batches", "digits", "load_cifar10", "load_mnist", "toy"]
+__all__ = ["TOY_NAMES", "batches", "digits", "image_patches", "load_cifar10", "load_mnist", "toy",
+           "toy_centers"]
 
 
 def _checkerboard(n, g):
@@ -105,6 +106,16 @@ def toy(name: str, n: int, seed: int = 0) -> torch.Tensor:
     return _TOYS[name](int(n), g).to(torch.get_default_dtype())
 
 
+def toy_centers(name: str = "8gaussians") -> torch.Tensor:
+    r"""The mode centres of a mixture toy, for mode-coverage counts
+    (:func:`pyro_ebm.metrics.mode_coverage`): for ``"8gaussians"`` the eight
+    :math:`\mu_k = 2(\cos k\pi/4, \sin k\pi/4)`, shape ``(8, 2)``."""
+    if name != "8gaussians":
+        raise ValueError(f"toy_centers knows the modes of '8gaussians' only, got {name!r}")
+    angles = torch.arange(8) * math.pi / 4
+    return (2.0 * torch.stack([torch.cos(angles), torch.sin(angles)], -1)).to(torch.get_default_dtype())
+
+
 def digits(split: str = "train", with_labels: bool = False, seed: int = 0):
     """scikit-learn's 8×8 handwritten digits scaled to [0, 1], shape ``(n, 64)``.
 
@@ -127,6 +138,63 @@ def digits(split: str = "train", with_labels: bool = False, seed: int = 0):
     x, y = (x_tr, y_tr) if split == "train" else (x_te, y_te)
     x = torch.as_tensor(x / 16.0, dtype=torch.get_default_dtype())
     return (x, torch.as_tensor(y, dtype=torch.long)) if with_labels else x
+
+
+TEST_FRACTION = 0.2
+
+
+def image_patches(size: int = 8, split: str = "train", seed: int = 0):
+    r"""Grey natural-image patches from the two photographs that ship with
+    scikit-learn (``sklearn.datasets.load_sample_images``: ``china.jpg`` and
+    ``flower.jpg``, 427×640 each; nothing is downloaded), shape ``(n, size * size)``.
+
+    Each photograph is converted to grey, :math:`g = (0.299 R + 0.587 G + 0.114 B) / 255`,
+    and cut into non-overlapping ``size``×``size`` tiles on the grid anchored at
+    its top-left corner. **The split is by region**: tiles that start in the
+    right-most 20% of a photograph's columns (first column ≥ 512) form the test
+    split, all others the training split; tiles do not overlap, so no pixel is
+    in both. Every patch is then
+    standardized per coordinate with the training split's statistics,
+
+    .. math::
+
+        x = (p - \mu_	ext{train}) / \sigma_	ext{train},
+
+    so the training split has mean 0 and standard deviation 1 in every
+    coordinate and the test split is on the same scale. ``seed`` only shuffles
+    the order of the patches within a split (the split itself is fixed). For
+    ``size=8``: 6784 training and 1696 test patches; ``size=12``: 3010 and 700.
+
+    :param int size: patch side, an integer from 2 to 32 (8 and 12 are the usual).
+    :param str split: ``"train"`` or ``"test"``.
+    :param int seed: seed of the patch order.
+    :returns: a tensor of PyTorch's default dtype (float32 unless changed).
+
+    >>> x = image_patches(8, "train")
+    >>> x.shape, round(float(x.mean()), 4)
+    (torch.Size([6784, 64]), 0.0)
+    """
+    from sklearn.datasets import load_sample_images
+
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 2 <= size <= 32:
+        raise ValueError(f"image_patches: size must be an integer from 2 to 32 (e.g. 8 or 12), got {size!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"image_patches: split must be 'train' or 'test', got {split!r}")
+    size = int(size)
+    parts = {"train": [], "test": []}
+    for image in load_sample_images().images:
+        grey = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255.0
+        rows, cols = grey.shape[0] // size, grey.shape[1] // size
+        tiles = grey[: rows * size, : cols * size].reshape(rows, size, cols, size).transpose(0, 2, 1, 3)
+        boundary = int(round((1 - TEST_FRACTION) * grey.shape[1]))
+        in_test = np.arange(cols) * size >= boundary   # tile's first column in the test region
+        parts["train"].append(tiles[:, ~in_test].reshape(-1, size * size))
+        parts["test"].append(tiles[:, in_test].reshape(-1, size * size))
+    train = np.concatenate(parts["train"])
+    mean, std = train.mean(0), train.std(0)
+    x = (np.concatenate(parts[split]) - mean) / std
+    order = np.random.default_rng(int(seed)).permutation(len(x))
+    return torch.as_tensor(x[order], dtype=torch.get_default_dtype())
 
 
 def _missing(what, path, expected):

@@ -125,6 +125,13 @@ class AmortizedNormal(PyroModule):
         event dim of the site. Each Pyro run of the guide registers its
         parameters in Pyro's param store (``pyro.module``).
     :param str site: name of the model's latent site this guide proposes.
+    :param bool conditional: call the encoder as ``encoder(v, *args)`` with the
+        guide's extra arguments (e.g. class labels for a class-conditional
+        :class:`~pyro_ebm.models.nets.GaussianEncoder`); by default the encoder sees
+        ``v`` only and extra arguments are ignored.
+
+    :class:`~pyro_ebm.models.nets.GaussianEncoder` is a ready encoder (an MLP with a
+    softplus scale); any module of the same contract works:
 
     >>> class Encoder(torch.nn.Module):
     ...     def __init__(self):
@@ -142,16 +149,17 @@ class AmortizedNormal(PyroModule):
     matching for learning energy-based latent variable models", NeurIPS 2020.
     """
 
-    def __init__(self, encoder: torch.nn.Module, site: str = "h"):
+    def __init__(self, encoder: torch.nn.Module, site: str = "h", conditional: bool = False):
         super().__init__()
         self.encoder = _check_module(encoder, "encoder")
         self.site = str(site)
+        self.conditional = bool(conditional)
 
-    def params(self, v):
-        """The encoder's ``(loc, scale)`` at ``v``, validated."""
+    def params(self, v, *args):
+        """The encoder's ``(loc, scale)`` at ``v`` (given ``args`` when conditional), validated."""
         # type and shape only: trainers check the values once per batch, and this runs per step
         check_data(v, f"the data of AmortizedNormal('{self.site}')", finite=False)
-        out = self.encoder(v)
+        out = self.encoder(v, *args) if self.conditional else self.encoder(v)
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise ValueError(f"the encoder of site '{self.site}' must return a pair (loc, scale)")
         loc, scale = out
@@ -164,12 +172,12 @@ class AmortizedNormal(PyroModule):
 
     def conditionals(self, v, *args, **kwargs) -> dict:
         """``{site: q(h | v)}``, a distribution of batch shape ``(N,)``."""
-        loc, scale = self.params(v)
+        loc, scale = self.params(v, *args)
         return {self.site: dist.Normal(loc, scale).to_event(loc.dim() - 1)}
 
     def forward(self, v, *args, **kwargs):
         _register(self)
-        (q,) = self.conditionals(v).values()
+        (q,) = self.conditionals(v, *args).values()
         with pyro.plate("data", v.shape[0]):
             return pyro.sample(self.site, q)
 

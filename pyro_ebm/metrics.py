@@ -16,7 +16,7 @@ import torch
 
 from .energy import check_data, check_finite, exact_trace, hutchinson_trace
 
-__all__ = ["auroc", "fisher_divergence", "frechet_distance", "ksd", "mmd"]
+__all__ = ["auroc", "fisher_divergence", "frechet_distance", "ksd", "mmd", "mode_coverage"]
 
 _CHUNK = 4096  # samples per block where a score or a critic runs on all of them
 
@@ -397,3 +397,35 @@ def mmd(x, y, bandwidths=None, unbiased=True):
     else:
         kxx_mean, kyy_mean = kxx.mean(), kyy.mean()
     return kxx_mean + kyy_mean - 2 * kxy.mean()
+
+
+def mode_coverage(x, centers, radius, min_share=0.05):
+    r"""How many modes of a mixture the samples ``x`` cover, and how many samples
+    fall between the modes. A sample is *on* mode :math:`k` when its nearest
+    centre is :math:`\mu_k` and :math:`\|x - \mu_k\| < r`; a mode is covered when
+
+    .. math::
+
+        \frac1m \#\{i: x_i \text{ on mode } k\} \ge s_\text{min}.
+
+    :param torch.Tensor x: ``(m, d)`` samples.
+    :param torch.Tensor centers: ``(K, d)`` mode centres (e.g.
+        :func:`pyro_ebm.datasets.toy_centers`).
+    :param float radius: :math:`r > 0` (e.g. three standard deviations of a mode).
+    :param float min_share: :math:`s_\text{min}`.
+    :returns: ``(covered, off)``: the number of covered modes and the share of
+        samples on no mode.
+
+    >>> mode_coverage(samples, datasets.toy_centers("8gaussians"), radius=0.6)
+    (8, 0.012)
+    """
+    if not (torch.is_tensor(x) and torch.is_tensor(centers)) or x.dim() != 2 or centers.dim() != 2 \
+            or x.shape[1] != centers.shape[1] or len(x) == 0:
+        raise ValueError(f"mode_coverage needs samples (m, d) and centers (K, d) with m >= 1; got "
+                         f"{tuple(getattr(x, 'shape', ()))} and {tuple(getattr(centers, 'shape', ()))}")
+    if not float(radius) > 0:
+        raise ValueError(f"mode_coverage: radius must be > 0, got {radius}")
+    nearest = torch.cdist(x, centers.to(x.dtype)).min(-1)
+    on_mode = nearest.values < radius
+    share = torch.bincount(nearest.indices[on_mode], minlength=len(centers)).to(x.dtype) / len(x)
+    return int((share >= min_share).sum()), float(1 - on_mode.to(x.dtype).mean())

@@ -149,3 +149,45 @@ def test_load_cifar10_from_pickles(tmp_path):
     expected = torch.as_tensor(batches[0][b"data"][1].reshape(3, 32, 32) / 255.0, dtype=x.dtype)
     assert torch.allclose(x[1], expected)
     assert datasets.load_cifar10(root, split="test").shape == (3, 3, 32, 32)
+
+
+@pytest.mark.parametrize("size, n_train, n_test", [(8, 6784, 1696), (12, 3010, 700)])
+def test_image_patches_shapes_standardization_and_determinism(size, n_train, n_test):
+    train = datasets.image_patches(size, "train")
+    test = datasets.image_patches(size, "test")
+    assert train.shape == (n_train, size * size) and test.shape == (n_test, size * size)
+    assert train.dtype == torch.float32 and torch.isfinite(train).all()
+    # standardized per coordinate with the training split's statistics
+    assert train.double().mean(0).abs().max() < 1e-4
+    assert (train.double().std(0, unbiased=False) - 1).abs().max() < 1e-4
+    assert test.double().mean(0).abs().max() > 1e-3      # the test split has its own (different) statistics
+    assert torch.equal(train, datasets.image_patches(size, "train"))
+    again = datasets.image_patches(size, "train", seed=1)
+    assert not torch.equal(again, train)                  # the seed reorders ...
+    assert torch.equal(again.sort(0).values, train.sort(0).values)   # ... the same patches
+
+
+def test_image_patches_splits_are_disjoint():
+    train, test = datasets.image_patches(8, "train"), datasets.image_patches(8, "test")
+    rows = {tuple(r) for r in train.numpy().round(5).tolist()}
+    assert not any(tuple(r) in rows for r in test.numpy().round(5).tolist())
+
+
+@pytest.mark.parametrize("size", [1, 7.5, "8", True, 33])
+def test_image_patches_bad_size(size):
+    with pytest.raises(ValueError, match="size must be an integer from 2 to 32"):
+        datasets.image_patches(size)
+
+
+def test_image_patches_bad_split():
+    with pytest.raises(ValueError, match="split must be 'train' or 'test', got 'valid'"):
+        datasets.image_patches(8, "valid")
+
+
+def test_toy_centers_are_the_eight_gaussians_modes():
+    centers = datasets.toy_centers("8gaussians")
+    x = datasets.toy("8gaussians", 2000, seed=0)
+    assert centers.shape == (8, 2)
+    assert torch.cdist(x, centers).min(-1).values.max() < 1.2    # every draw within 6 sd of a centre
+    with pytest.raises(ValueError, match="'8gaussians' only"):
+        datasets.toy_centers("rings")

@@ -37,16 +37,14 @@ from pathlib import Path
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
-from pyro.nn.module import to_pyro_module_
 
 from .. import datasets, mcmc
 from ..features import digits_features
 from ..guides import AmortizedNormal
 from ..infer import BiDVL, MCMCTeaching
 from ..metrics import auroc, frechet_distance
-from ..models import GaussianDecoder
-from ..models.nets import MLP
+from ..models import GaussianDecoder, MLPEnergy
+from ..models.nets import MLP, GaussianEncoder
 from ._runs import OptimState, RunStore
 
 LATENT = 16
@@ -58,40 +56,15 @@ ENERGY_LR = 1e-4
 VAE_LR = 1e-3
 
 
-class DigitsEnergy(PyroModule):
-    """The Pyro model ``pyro.factor("energy", -E(v))`` of an MLP energy."""
-
-    def __init__(self, dim=64, hidden=(128, 128)):
-        super().__init__()
-        self.energy = MLP(dim, 1, hidden)
-        to_pyro_module_(self.energy)
-
-    def forward(self, v):
-        with pyro.plate("data", v.shape[0]):
-            pyro.factor("energy", -self.energy(v).squeeze(-1))
-
-
-class GaussianEncoder(torch.nn.Module):
-    """``v -> (loc, scale)`` for :class:`~pyro_ebm.guides.AmortizedNormal`."""
-
-    def __init__(self, dim=64, latent=LATENT, hidden=(128,)):
-        super().__init__()
-        self.net = MLP(dim, 2 * latent, hidden)
-
-    def forward(self, v):
-        loc, raw = self.net(v).chunk(2, -1)
-        return loc, torch.nn.functional.softplus(raw) + 1e-3
-
-
 def build(seed, width=128):
     """The energy model, decoder model and encoder guide shared by every method,
     freshly initialized under ``seed`` (the param store is cleared); ``width`` is
     the hidden width of all three networks."""
     pyro.clear_param_store()
     torch.manual_seed(seed)
-    energy = DigitsEnergy(hidden=(width, width))
+    energy = MLPEnergy(64, (width, width))
     decoder = GaussianDecoder(MLP(LATENT, 64, (width,)), LATENT, scale=DECODER_SCALE)
-    encoder = AmortizedNormal(GaussianEncoder(hidden=(width,)), site="h")
+    encoder = AmortizedNormal(GaussianEncoder(64, LATENT, (width,)), site="h")
     return energy, decoder, encoder
 
 

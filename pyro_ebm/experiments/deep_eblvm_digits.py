@@ -56,7 +56,7 @@ from ..guides import AmortizedNormal
 from ..infer import MDSM, BiSM
 from ..metrics import frechet_distance
 from ..models.deep import DeepEBLVM
-from ..models.nets import MLP
+from ..models.nets import GaussianEncoder
 from ._runs import RunStore
 
 LATENT = 16
@@ -70,24 +70,12 @@ LEVELS = 10
 STEPS_PER_LEVEL = 50
 
 
-class GaussianEncoder(torch.nn.Module):
-    """``v -> (loc, scale)`` for :class:`~pyro_ebm.guides.AmortizedNormal`."""
-
-    def __init__(self, dim=64, latent=LATENT, hidden=WIDTH):
-        super().__init__()
-        self.net = MLP(dim, 2 * latent, (hidden,))
-
-    def forward(self, v):
-        loc, raw = self.net(v).chunk(2, -1)
-        return loc, torch.nn.functional.softplus(raw) + 1e-3
-
-
 def build(seed, width=WIDTH, lr=LR):
     """A fresh model, guide and BiSM trainer under ``seed`` (the param store is cleared)."""
     pyro.clear_param_store()
     torch.manual_seed(seed)
     model = DeepEBLVM(64, LATENT, width)
-    guide = AmortizedNormal(GaussianEncoder(hidden=width), site="h")
+    guide = AmortizedNormal(GaussianEncoder(64, LATENT, (width,)), site="h")
     bism = BiSM(model, guide, pyro.optim.Adam({"lr": lr}), objective=MDSM(SIGMA_MIN, SIGMA_MAX, SIGMA0),
                 inner_steps=5, unroll_steps=0, lower="fisher")
     return model, guide, bism

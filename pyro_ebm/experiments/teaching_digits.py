@@ -41,18 +41,18 @@ import time
 from pathlib import Path
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.infer.util import zero_grads
-from pyro.nn import PyroModule
-from pyro.nn.module import to_pyro_module_
 
 from .. import datasets, mcmc
 from ..energy import collect_params
 from ..features import digits_classifier, digits_features
+from ..guides import AmortizedNormal
 from ..infer import MCMCTeaching
 from ..metrics import frechet_distance, mmd
-from ..models.nets import MLP
+from ..models import VAE, GaussianDecoder, MLPEnergy
+from ..models import train_vae as fit_vae
+from ..models.nets import MLP, GaussianEncoder
 from ._runs import OptimState, RunStore
 
 LATENT = 16
@@ -65,65 +65,24 @@ ITERATIONS = 1200
 ENERGY_PENALTY = 0.01
 
 
-class DigitsEnergy(PyroModule):
-    """``pyro.factor("energy", -E(x))`` with :math:`E(x) = f(x) + \\tfrac12\\|x - \\tfrac12\\|^2`,
-    ``f`` an MLP; with ``num_classes`` the MLP has one output per class and
-    ``E(x, y)`` picks the label's."""
-
-    def __init__(self, num_classes=None):
-        super().__init__()
-        self.num_classes = num_classes
-        self.net = MLP(64, num_classes or 1, (HIDDEN, HIDDEN))
-        to_pyro_module_(self.net)
-
-    def energy(self, x, y=None):
-        out = self.net(x)
-        f = out.squeeze(-1) if y is None else out.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        return f + 0.5 * (x - 0.5).pow(2).sum(-1)
-
-    def forward(self, x, y=None):
-        with pyro.plate("data", x.shape[0]):
-            pyro.factor("energy", -self.energy(x, y))
-
-
-class DigitsVAE(PyroModule):
-    """A Gaussian VAE, class-conditional when ``num_classes`` is set (the one-hot
-    label is appended to the decoder's and the encoder's input). ``model(x, y)``
-    observes ``x`` at site ``"x"``; ``guide(x, y)`` proposes ``"z"``."""
-
-    def __init__(self, num_classes=None):
-        super().__init__()
-        self.num_classes = num_classes
-        extra = num_classes or 0
-        self.decoder = MLP(LATENT + extra, 64, (HIDDEN,))
-        self.encoder = MLP(64 + extra, 2 * LATENT, (HIDDEN,))
-        to_pyro_module_(self.decoder)
-        to_pyro_module_(self.encoder)
-
-    def _with_label(self, a, y):
-        if y is None:
-            return a
-        return torch.cat([a, torch.nn.functional.one_hot(y, self.num_classes).to(a.dtype)], -1)
-
-    def decode(self, z, y=None):
-        return torch.sigmoid(self.decoder(self._with_label(z, y)))
-
-    def model(self, x, y=None):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], LATENT), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(self.decode(z, y), DECODER_SCALE).to_event(1), obs=x)
-
-    def guide(self, x, y=None):
-        with pyro.plate("data", x.shape[0]):
-            loc, raw = self.encoder(self._with_label(x, y)).chunk(2, -1)
-            pyro.sample("z", dist.Normal(loc, torch.nn.functional.softplus(raw) + 1e-4).to_event(1))
-
-
 def build(seed, num_classes=None):
-    """Energy and VAE, freshly initialized under ``seed`` (the param store is cleared)."""
+    """Energy and VAE, freshly initialized under ``seed`` (the param store is cleared):
+    the library's :class:`~pyro_ebm.models.MLPEnergy` (with the reference term
+    ½‖x − ½‖²) and a :class:`~pyro_ebm.models.VAE` of a
+    :class:`~pyro_ebm.models.GaussianDecoder` (sites ``"z"``, ``"x"``) and a
+    :class:`~pyro_ebm.models.nets.GaussianEncoder`, class-conditional when
+    ``num_classes`` is set (the one-hot label is appended to the decoder's and
+    the encoder's input)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    return DigitsEnergy(num_classes), DigitsVAE(num_classes)
+    energy = MLPEnergy(64, (HIDDEN, HIDDEN), num_classes=num_classes, base_loc=0.5, base_scale=1.0)
+    extra = num_classes or 0
+    # decoder before encoder: the parameter creation order fixes the random stream
+    decoder = GaussianDecoder(MLP(LATENT + extra, 64, (HIDDEN,)), LATENT, scale=DECODER_SCALE,
+                              latent_site="z", obs_site="x", num_classes=num_classes)
+    encoder = GaussianEncoder(64, LATENT, (HIDDEN,), min_scale=1e-4, num_classes=num_classes)
+    guide = AmortizedNormal(encoder, site="z", conditional=num_classes is not None)
+    return energy, VAE(decoder, guide)
 
 
 def ebm_optim():
@@ -174,10 +133,12 @@ def _loop(store, name, state, batches, iterations, step, modules):
 
 
 def train_vae(seed, x_train, iterations, store=None):
+    """The VAE alone, trained by Pyro's SVI with Trace_ELBO
+    (:func:`pyro_ebm.models.train_vae`); checkpointed in ``store`` when given."""
     _, vae = build(seed)
-    svi = pyro.infer.SVI(vae.model, vae.guide, vae_optim(), pyro.infer.Trace_ELBO())
-    _loop(store, "VAE alone", OptimState(svi.optim), _batches(x_train, seed, iterations), iterations,
-          lambda i, batch: svi.step(batch), (vae,))
+    fit_vae(vae, _batches(x_train, seed, iterations), iterations, vae_optim(),
+            loop=lambda svi, step, batches: _loop(store, "VAE alone", OptimState(svi.optim), batches,
+                                                  iterations, step, (vae,)))
     return vae
 
 
@@ -336,7 +297,7 @@ def _one_seed(seed, x_train, x_test, iterations, store):
     teaching, t_teach = _timed(train_teaching, seed, x_train, iterations, None, None, store)
     torch.manual_seed(1000 + seed)
     with torch.no_grad():
-        drawn = {"VAE alone": vae.decode(torch.randn(n, LATENT))}
+        drawn = {"VAE alone": vae.sample(n)}
     drawn["short-run EBM"] = short.sample(n)
     x_rev, path = teaching.sample(n, return_trajectory=True)
     drawn["teaching, VAE (x0)"], drawn["teaching, revised (x̃)"] = path[:, 0], x_rev

@@ -22,21 +22,20 @@ farther than 3σ from every mode.
 from __future__ import annotations
 
 import itertools
-import math
 import statistics
 import time
 from pathlib import Path
 
 import pyro
-import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
-from pyro.nn.module import to_pyro_module_
 
 from .. import datasets, mcmc
+from ..guides import AmortizedNormal
 from ..infer import MCMCTeaching
-from ..metrics import mmd
-from ..models.nets import MLP
+from ..metrics import mmd, mode_coverage
+from ..models import VAE, GaussianDecoder, MLPEnergy
+from ..models import train_vae as fit_vae
+from ..models.nets import MLP, GaussianEncoder
 from ._runs import OptimState, RunStore
 from .teaching_digits import _loop, short_run_ebm
 
@@ -49,51 +48,28 @@ STEP_SIZE = 1e-2
 ITERATIONS = 1000
 ENERGY_PENALTY = 0.01
 BANDWIDTHS = (0.1, 0.2, 0.5, 1.0)
-_ANGLES = torch.arange(8) * math.pi / 4
-CENTERS = 2.0 * torch.stack([torch.cos(_ANGLES), torch.sin(_ANGLES)], -1)
+CENTERS = datasets.toy_centers("8gaussians")
 
 
-class ToyEnergy(PyroModule):
-    """``pyro.factor("energy", -E(x))`` with :math:`E(x) = f(x) + \\|x\\|^2/18`."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = MLP(2, 1, (HIDDEN, HIDDEN))
-        to_pyro_module_(self.net)
-
-    def energy(self, x):
-        return self.net(x).squeeze(-1) + x.pow(2).sum(-1) / 18
-
-    def forward(self, x):
-        with pyro.plate("data", x.shape[0]):
-            pyro.factor("energy", -self.energy(x))
-
-
-class ToyVAE(PyroModule):
-    """A Gaussian VAE on 2-D points: ``model(x)`` observes ``x`` at site ``"x"``."""
-
-    def __init__(self):
-        super().__init__()
-        self.decoder = MLP(LATENT, 2, (HIDDEN, HIDDEN))
-        self.encoder = MLP(2, 2 * LATENT, (HIDDEN,))
-        to_pyro_module_(self.decoder)
-        to_pyro_module_(self.encoder)
-
-    def model(self, x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], LATENT), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(self.decoder(z), DECODER_SCALE).to_event(1), obs=x)
-
-    def guide(self, x):
-        with pyro.plate("data", x.shape[0]):
-            loc, raw = self.encoder(x).chunk(2, -1)
-            pyro.sample("z", dist.Normal(loc, torch.nn.functional.softplus(raw) + 1e-4).to_event(1))
+def toy_energy():
+    """``pyro.factor("energy", -E(x))`` with :math:`E(x) = f(x) + \\|x\\|^2/18`, ``f`` an MLP."""
+    return MLPEnergy(2, (HIDDEN, HIDDEN), base_scale=3.0)
 
 
 def build(seed):
+    """Energy and VAE, freshly initialized under ``seed`` (the param store is cleared):
+    the library's :class:`~pyro_ebm.models.MLPEnergy` with the base term
+    ‖x‖²/18 (a N(0, 3² I) base measure) and a :class:`~pyro_ebm.models.VAE` of a
+    :class:`~pyro_ebm.models.GaussianDecoder` with identity mean (sites ``"z"``,
+    ``"x"``) and a :class:`~pyro_ebm.models.nets.GaussianEncoder`."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    return ToyEnergy(), ToyVAE()
+    energy = toy_energy()
+    # decoder before encoder: the parameter creation order fixes the random stream
+    decoder = GaussianDecoder(MLP(LATENT, 2, (HIDDEN, HIDDEN)), LATENT, scale=DECODER_SCALE, output=None,
+                              latent_site="z", obs_site="x")
+    encoder = AmortizedNormal(GaussianEncoder(2, LATENT, (HIDDEN,), min_scale=1e-4), site="z")
+    return energy, VAE(decoder, encoder)
 
 
 def ebm_optim():
@@ -124,10 +100,12 @@ def train_teaching(seed, x_train, iterations, store=None):
 
 
 def train_vae(seed, x_train, iterations, store=None):
+    """The VAE alone, trained by Pyro's SVI with Trace_ELBO
+    (:func:`pyro_ebm.models.train_vae`); checkpointed in ``store`` when given."""
     _, vae = build(seed)
-    svi = pyro.infer.SVI(vae.model, vae.guide, vae_optim(), pyro.infer.Trace_ELBO())
-    _loop(store, "VAE alone", OptimState(svi.optim), _batches(x_train, seed, iterations), iterations,
-          lambda i, batch: svi.step(batch), (vae,))
+    fit_vae(vae, _batches(x_train, seed, iterations), iterations, vae_optim(),
+            loop=lambda svi, step, batches: _loop(store, "VAE alone", OptimState(svi.optim), batches,
+                                                  iterations, step, (vae,)))
     return vae
 
 
@@ -141,11 +119,7 @@ def train_short_run(seed, x_train, iterations, store=None):
 def mode_stats(x):
     """Modes holding at least 5% of the samples, and the share of samples farther
     than 3σ = 0.6 from every mode."""
-    d = torch.cdist(x, CENTERS.to(x.dtype))
-    nearest = d.min(-1)
-    on_mode = nearest.values < 0.6
-    share = torch.bincount(nearest.indices[on_mode], minlength=8).to(x.dtype) / len(x)
-    return int((share >= 0.05).sum()), float(1 - on_mode.to(x.dtype).mean())
+    return mode_coverage(x, CENTERS, radius=0.6, min_share=0.05)
 
 
 def quality(samples, x_test):
@@ -220,7 +194,7 @@ def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2), resume: bool = Fals
     with torch.random.fork_rng(devices=[]):
         energies = {}
         for name in ("teaching", "short-run"):
-            energies[name] = ToyEnergy()
+            energies[name] = toy_energy()
             energies[name].load_state_dict(shown["energies"][name])
     _figure(shown["samples"], energies, x_test, out_dir / "teaching_toy.png")
     return _report(results, seconds, reference, seeds, iterations, n)
@@ -241,7 +215,7 @@ def _one_seed(seed, x_test, iterations, n, store):
     seconds["teaching"] = time.perf_counter() - start
     torch.manual_seed(1000 + seed)
     with torch.no_grad():
-        drawn = {"VAE alone": vae.decoder(torch.randn(n, LATENT))}
+        drawn = {"VAE alone": vae.sample(n)}
     drawn["short-run EBM"] = short.sample(n)
     x_rev, path = teaching.sample(n, return_trajectory=True)
     drawn["teaching, VAE (x0)"], drawn["teaching, revised (x̃)"] = path[:, 0], x_rev

@@ -3,7 +3,9 @@
 
 import importlib
 
-_WHERE = {"GaussianRBM": "grbm", "GEBM": "gebm", "DeepEBLVM": "deep", "GaussianDecoder": "decoders"}
+_WHERE = {"GaussianRBM": "grbm", "GEBM": "gebm", "DeepEBLVM": "deep", "GaussianDecoder": "decoders",
+          "MLPEnergy": "energies", "ConvEnergy": "energies", "GaussianEncoder": "nets", "MLP": "nets",
+          "VAE": "vae", "train_vae": "vae"}
 __all__ = sorted(_WHERE)
 
 

@@ -15,7 +15,7 @@ from pyro.nn import DenseNN
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-__all__ = ["MLP", "RealNVP"]
+__all__ = ["MLP", "GaussianEncoder", "RealNVP"]
 
 _ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "softplus": nn.Softplus,
                 "leaky_relu": nn.LeakyReLU}
@@ -60,6 +60,82 @@ class MLP(nn.Sequential):
                 layers.append(_ACTIVATIONS[activation]())
         super().__init__(*layers)
         self.in_features, self.out_features = widths[0], widths[-1]
+
+
+class GaussianEncoder(nn.Module):
+    r"""An encoder :math:`v \mapsto (\mu_\phi(v), \sigma_\phi(v))` of a diagonal Gaussian
+    posterior, the ``encoder`` of :class:`~pyro_ebm.guides.AmortizedNormal`:
+
+    .. math::
+
+        (\mu, r) = g_\phi(v), \qquad \sigma = \operatorname{softplus}(r) + \sigma_\text{min},
+
+    with :math:`g_\phi` an :class:`MLP` with :math:`2d` outputs split in two halves
+    (``net``) and :math:`\sigma_\text{min} > 0` keeping the scale away from 0.
+    With ``num_classes`` the encoder is class-conditional: the one-hot label is
+    appended to :math:`v`, :math:`g_\phi([v; \operatorname{onehot}(y)])`, and
+    ``forward(v, y)`` takes the labels (use
+    ``AmortizedNormal(encoder, conditional=True)`` so the guide passes them on).
+
+    :param int in_features: D, size of one (flattened) data item.
+    :param int latent_dim: d, size of the latent.
+    :param tuple hidden_features: hidden widths of :math:`g_\phi`.
+    :param str activation: the :class:`MLP`'s activation.
+    :param float min_scale: :math:`\sigma_\text{min} > 0`.
+    :param int num_classes: number of classes of a conditional encoder, or ``None``.
+
+    >>> encoder = GaussianEncoder(64, latent_dim=16, hidden_features=(128,))
+    >>> loc, scale = encoder(torch.rand(10, 64))
+    >>> loc.shape, bool((scale > 0).all())
+    (torch.Size([10, 16]), True)
+    >>> guide = AmortizedNormal(encoder, site="h")      # from pyro_ebm.guides
+    """
+
+    def __init__(self, in_features: int, latent_dim: int, hidden_features=(128,), activation: str = "silu",
+                 min_scale: float = 1e-3, num_classes: int | None = None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("latent_dim", latent_dim)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"GaussianEncoder: {name} must be a positive integer, got {value!r}")
+        if num_classes is not None and (int(num_classes) != num_classes or num_classes < 1):
+            raise ValueError(f"GaussianEncoder: num_classes must be a positive integer or None, "
+                             f"got {num_classes!r}")
+        if not float(min_scale) > 0:
+            raise ValueError(f"GaussianEncoder: min_scale must be > 0, got {min_scale}")
+        self.in_features, self.latent_dim = int(in_features), int(latent_dim)
+        self.num_classes, self.min_scale = num_classes, float(min_scale)
+        extra = num_classes or 0
+        self.net = MLP(self.in_features + extra, 2 * self.latent_dim, hidden_features, activation)
+
+    def forward(self, v, y=None):
+        if v.shape[-1] != self.in_features:
+            raise ValueError(f"GaussianEncoder expects data of shape (N, {self.in_features}), "
+                             f"got {tuple(v.shape)}")
+        loc, raw = self.net(with_label(v, y, self.num_classes, "GaussianEncoder")).chunk(2, -1)
+        return loc, torch.nn.functional.softplus(raw) + self.min_scale
+
+
+def with_label(a, y, num_classes, who):
+    """``a`` with the one-hot label ``y`` appended to its last dim (``a`` itself when
+    ``num_classes`` is None); the conditioning of class-conditional encoders and
+    decoders."""
+    if num_classes is None:
+        if y is not None:
+            raise ValueError(f"{who} got labels y but has num_classes=None")
+        return a
+    if y is None:
+        raise ValueError(f"{who} has num_classes={num_classes} and needs the labels y")
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        got = getattr(y, "dtype", type(y).__name__)
+        raise TypeError(f"{who}: labels y must be an integer tensor, got {got}")
+    one_hot = torch.nn.functional.one_hot(y.long(), num_classes).to(a.dtype)
+    try:
+        # leading (particle or chain) dims of ``a`` broadcast over the labels
+        one_hot = one_hot.expand(*a.shape[:-1], num_classes)
+    except RuntimeError:
+        raise ValueError(f"{who}: labels y of shape {tuple(y.shape)} do not match inputs of shape "
+                         f"{tuple(a.shape)}") from None
+    return torch.cat([a, one_hot], -1)
 
 
 class RealNVP(nn.Module):

@@ -17,12 +17,9 @@ from pyro.nn.module import to_pyro_module_
 from pyro_ebm import mcmc
 from pyro_ebm.energy import EnergyView, GuideView, energy_view
 from pyro_ebm.energy import traced as _traced
-from pyro_ebm.experiments.bidvl_digits import DigitsEnergy as BiDVLDigitsEnergy
-from pyro_ebm.experiments.teaching_digits import DigitsEnergy as TeachingDigitsEnergy
-from pyro_ebm.experiments.teaching_toy import ToyEnergy
 from pyro_ebm.guides import AmortizedNormal
 from pyro_ebm.infer import DSM
-from pyro_ebm.models import GEBM, DeepEBLVM, GaussianRBM
+from pyro_ebm.models import GEBM, ConvEnergy, DeepEBLVM, GaussianRBM, MLPEnergy
 from pyro_ebm.models.nets import MLP, RealNVP
 
 with warnings.catch_warnings():
@@ -53,7 +50,7 @@ class ReadmeEBLVM(PyroModule):  # README.md
             pyro.factor("energy", -(0.5 * (v ** 2).sum(-1) - (v * torch.tanh(h @ self.W.T)).sum(-1)))
 
 
-class BiDVLEnergy(PyroModule):  # examples/bidvl.py: a PyroModule MLP energy
+class BiDVLEnergy(PyroModule):  # a hand-written PyroModule MLP energy (the pattern users write)
     def __init__(self, dim=3, hidden=8):
         super().__init__()
         self.energy = MLP(dim, 1, (hidden, hidden))
@@ -176,14 +173,16 @@ def _case(name, dtype):
         return ReadmeEBLVM(3, 2).to(dtype), (v,), {"h": randn(6, 2)}, True
     if name == "bidvl-example-energy":
         return BiDVLEnergy().to(dtype), (v,), {}, True
-    if name == "bidvl-digits-energy":
-        return BiDVLDigitsEnergy(dim=3, hidden=(8, 8)).to(dtype), (v,), {}, True
-    if name == "teaching-toy-energy":
-        return ToyEnergy().to(dtype), (randn(6, 2),), {}, True
-    if name == "teaching-digits-energy":
-        model = TeachingDigitsEnergy(num_classes=2).to(dtype)
+    if name == "mlp-energy":
+        return MLPEnergy(3, (8, 8)).to(dtype), (v,), {}, True
+    if name == "mlp-energy-base":
+        return MLPEnergy(2, (8, 8), base_scale=3.0).to(dtype), (randn(6, 2),), {}, True
+    if name == "mlp-energy-conditional":
+        model = MLPEnergy(64, (8, 8), num_classes=2, base_loc=0.5, base_scale=1.0).to(dtype)
         x = torch.rand(6, 64, generator=g, dtype=dtype)
         return model, (x, torch.tensor([0, 1, 1, 0, 1, 0])), {}, True
+    if name == "conv-energy":
+        return ConvEnergy(4, channels=(2, 3), hidden=5, base_scale=2.0).to(dtype), (randn(6, 16),), {}, True
     if name == "bism-test-model":
         return GaussianLatentModel().to(dtype), (randn(6, 1),), {"h": randn(6, 1)}, True
     if name == "plain-module":
@@ -206,7 +205,7 @@ def _case(name, dtype):
 
 
 CASES = ["grbm", "grbm.marginal", "gebm", "gebm-realnvp", "deep-eblvm", "readme-eblvm",
-         "bidvl-example-energy", "bidvl-digits-energy", "teaching-toy-energy", "teaching-digits-energy",
+         "bidvl-example-energy", "mlp-energy", "mlp-energy-base", "mlp-energy-conditional", "conv-energy",
          "bism-test-model",
          "plain-module", "pyromodule-plain-child", "gaussian-latent", "pyro.param", "pyro.module-closure",
          "latent-chains-example", "regression", "constrained"]
