@@ -18,6 +18,8 @@ exclude_patterns = ["_build"]
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "show-inheritance": False}
 autodoc_typehints = "none"
+# the Lightning adapter documents without the optional extra installed
+autodoc_mock_imports = ["lightning"]
 html_theme = "alabaster"
 nitpicky = False
 suppress_warnings = ["myst.header"]

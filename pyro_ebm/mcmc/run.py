@@ -16,6 +16,7 @@ from ..longrun import DeferredInterrupt, atomic_write
 from ..progress import progress_bar
 from .adaptation import StepSizeAdaptation
 from .kernels import KernelState, NonFiniteStartError
+from .sharded import chain_shard
 
 __all__ = ["Samples", "load_draws", "sample"]
 
@@ -105,7 +106,7 @@ class Samples:
 
 def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_steps=0, thin=1,
            model_args=(), model_kwargs=None, initial=None, progress=None, *, potential_fn=None,
-           compile=False, checkpoint=None) -> Samples:
+           compile=False, checkpoint=None, shard_chains=None) -> Samples:
     """Run ``num_chains`` chains of ``kernel`` as one batch and keep ``num_samples``
     draws of each after ``warmup_steps`` steps, every ``thin``-th step.
 
@@ -171,6 +172,9 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
         anything else is a ``TypeError``.
     :param checkpoint: a file path: the draws (see :func:`load_draws`) are written
         there, atomically, when the run ends or is interrupted.
+    :param shard_chains: under an initialized ``torch.distributed`` process group
+        of W > 1 ranks, ``None`` (default) or ``True`` runs C / W of the chains on
+        each rank, see below; ``False`` runs all C chains on every rank.
     :returns: :class:`Samples`.
 
     **Ctrl-C.** SIGINT during the run ends it after the current step (a second
@@ -178,6 +182,17 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
     (and go to ``checkpoint``) with a warning that says how many; during warmup
     that is none, and ``initial=samples.last_state`` goes on from where the
     chains stopped.
+
+    **Chain-sharded sampling** (:mod:`pyro_ebm.mcmc.sharded`). Under a process
+    group of W ranks (e.g. started by ``torchrun --nproc_per_node=W``), rank r runs
+    the chains ``[r C / W, (r + 1) C / W)`` (C must be a multiple of W, else a
+    ``ValueError``) and rank 0 gathers them: there ``sample`` returns the
+    :class:`Samples` of all C chains, in chain order; every other rank gets the
+    :class:`Samples` of its own chains. Every rank must call ``sample`` with the
+    same arguments and the same seed: each random number is drawn for all C chains
+    on every rank and each rank keeps its chains' rows, so the draws equal those of
+    one process running all C chains. ``initial`` may be the ``last_state`` of
+    either kind of result. The progress bar shows on rank 0 only.
 
     **Compiled steps** (``compile=``). A built-in kernel's step is split into its
     random numbers, drawn eagerly by ``kernel.step_inputs(state)`` in the order an
@@ -225,11 +240,19 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     model_kwargs = model_kwargs or {}
+    shard = chain_shard(num_chains, shard_chains)
+    if shard is not None:
+        kernel = shard.kernel(kernel)
+        progress = progress if shard.rank == 0 else False
     labels = _argument_labels(model, model_args, model_kwargs) if model is not None else {}
     _check_model_arguments(model_args, model_kwargs, labels)
     last = initial if isinstance(initial, KernelState) else None
     if last is not None:
+        last = last if shard is None else shard.take_state(last)
         initial = last.position
+    # positions are made for all chains and sliced, unless a state of this rank's chains is given
+    local = shard is not None and last is not None
+    chains = shard.size if local else num_chains
     potential = None
     try:
         if potential_fn is None:
@@ -237,9 +260,11 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
         else:
             potential = potential_fn
         if isinstance(potential, LatentPotential):
-            position, unpack = _latent_initial(potential, num_chains, initial), potential.unpack
+            position, unpack = _latent_initial(potential, chains, initial), potential.unpack
         else:
-            position, unpack = _plain_initial(num_chains, initial), _as_x
+            position, unpack = _plain_initial(chains, initial), _as_x
+        if shard is not None and not local:
+            position = shard.take(position)
         with torch.no_grad():
             state = kernel.init(position, potential)
     except RuntimeError as err:  # torch refusing an integer tensor somewhere in the model
@@ -269,6 +294,8 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
         step = compiled_step(kernel, state, options)
     with torch.no_grad():
         samples = _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress, step)
+    if shard is not None:
+        samples = shard.gather(samples)
     if checkpoint is not None:
         _save_draws(samples, checkpoint)
     return samples
