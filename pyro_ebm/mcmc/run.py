@@ -167,8 +167,9 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
     :param callable potential_fn: a potential ``U`` (not with ``model``).
     :param compile: ``False`` (default) runs ``kernel.step`` eagerly; ``True``, or
         a dict of ``torch.compile`` keyword arguments (``backend``, ``mode``,
-        ``fullgraph``, ``dynamic``, ``options``), compiles each step, see below;
-        anything else is a ``TypeError``.
+        ``fullgraph``, ``dynamic``, ``options``) and optionally
+        ``steps_per_call`` (an int >= 1, default 10), compiles the steps, see
+        below; anything else is a ``TypeError``.
     :param checkpoint: a file path: the draws (see :func:`load_draws`) are written
         there, atomically, when the run ends or is interrupted.
     :returns: :class:`Samples`.
@@ -196,7 +197,14 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
     parameters :math:`\\theta` passed as tensors, plus the log-determinants of
     the unconstrained sites), or of ``potential_fn`` itself for a plain
     potential. So for the same seed a compiled run gives the eager run's draws
-    to rounding. Step-size adaptation and storage stay eager. Where the step
+    to rounding. Step-size adaptation and storage stay eager. Warmup runs one
+    step per compiled call; after it, at fixed step sizes, ``k =
+    steps_per_call`` steps run per call (``move`` unrolled ``k`` times, the
+    random numbers of the ``k`` steps drawn first in the order of ``k`` single
+    steps, the ``k`` positions and statistics returned stacked), which pays the
+    fixed cost of a call (guards, wrappers, the driver's Python) once per ``k``
+    steps; the last ``num_samples * thin % k`` steps run one per call. Ctrl-C
+    then ends the run after the current call. Where the step
     cannot be compiled (a model on the Pyro path, see
     :class:`~pyro_ebm.energy.NotTraced`; a potential ``torch.func`` refuses; a
     kernel without ``step_inputs`` / ``move``; a step the compiler refuses), one
