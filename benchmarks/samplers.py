@@ -21,7 +21,8 @@
 4. BlackJAX: time per MALA step on the same 10-D logistic regression posterior
    (500 points) at 1, 64 and 1024 chains, pyro_ebm (the Pyro model with
    Bernoulli observed sites, eager and ``compile=True``; the plain potential
-   compiled) versus BlackJAX's ``mala`` step, ``jax.vmap``-ed over the chains
+   compiled; compiled runs take 10 steps per call, the default
+   ``steps_per_call``) versus BlackJAX's ``mala`` step, ``jax.vmap``-ed over the chains
    and run in a ``jax.lax.scan`` under ``jax.jit`` (draws kept, compile time
    excluded, XLA on one thread with ``--threads 1``). Skipped with a note when
    jax and blackjax are not installed (``pip install pyro-ebm[bench]``).

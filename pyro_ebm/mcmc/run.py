@@ -168,8 +168,9 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
     :param callable potential_fn: a potential ``U`` (not with ``model``).
     :param compile: ``False`` (default) runs ``kernel.step`` eagerly; ``True``, or
         a dict of ``torch.compile`` keyword arguments (``backend``, ``mode``,
-        ``fullgraph``, ``dynamic``, ``options``), compiles each step, see below;
-        anything else is a ``TypeError``.
+        ``fullgraph``, ``dynamic``, ``options``) and optionally
+        ``steps_per_call`` (an int >= 1, default 10), compiles the steps, see
+        below; anything else is a ``TypeError``.
     :param checkpoint: a file path: the draws (see :func:`load_draws`) are written
         there, atomically, when the run ends or is interrupted.
     :param shard_chains: under an initialized ``torch.distributed`` process group
@@ -211,7 +212,14 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
     parameters :math:`\\theta` passed as tensors, plus the log-determinants of
     the unconstrained sites), or of ``potential_fn`` itself for a plain
     potential. So for the same seed a compiled run gives the eager run's draws
-    to rounding. Step-size adaptation and storage stay eager. Where the step
+    to rounding. Step-size adaptation and storage stay eager. Warmup runs one
+    step per compiled call; after it, at fixed step sizes, ``k =
+    steps_per_call`` steps run per call (``move`` unrolled ``k`` times, the
+    random numbers of the ``k`` steps drawn first in the order of ``k`` single
+    steps, the ``k`` positions and statistics returned stacked), which pays the
+    fixed cost of a call (guards, wrappers, the driver's Python) once per ``k``
+    steps; the last ``num_samples * thin % k`` steps run one per call. Ctrl-C
+    then ends the run after the current call. Where the step
     cannot be compiled (a model on the Pyro path, see
     :class:`~pyro_ebm.energy.NotTraced`; a potential ``torch.func`` refuses; a
     kernel without ``step_inputs`` / ``move``; a step the compiler refuses), one
@@ -231,6 +239,7 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
     ...                    model_args=(v,), compile=True)   # compiled steps, same draws
     """
     _check_model_or_potential(model, potential_fn, model_args, model_kwargs, initial)
+    compile, steps_per_call = _steps_per_call(compile)
     options = compile_options(compile)
     if kernel is None or not all(callable(getattr(kernel, attr, None)) for attr in ("init", "step")):
         raise TypeError("kernel must have init(position, potential) -> state and "
@@ -292,13 +301,31 @@ def sample(model=None, kernel=None, num_chains=None, num_samples=None, warmup_st
         from .compiled import compiled_step
 
         step = compiled_step(kernel, state, options)
+    else:
+        steps_per_call = 1
     with torch.no_grad():
-        samples = _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress, step)
+        samples = _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress, step, steps_per_call)
     if shard is not None:
         samples = shard.gather(samples)
     if checkpoint is not None:
         _save_draws(samples, checkpoint)
     return samples
+
+
+#: compiled steps per call in the sampling phase, unless ``compile={"steps_per_call": k}``
+STEPS_PER_CALL = 10
+
+
+def _steps_per_call(compile):
+    """``(compile, k)``: the ``compile=`` argument without its ``steps_per_call`` entry,
+    and that entry (:data:`STEPS_PER_CALL` by default)."""
+    if not isinstance(compile, dict) or "steps_per_call" not in compile:
+        return compile, STEPS_PER_CALL
+    compile = dict(compile)
+    k = compile.pop("steps_per_call")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"compile['steps_per_call'] must be an int >= 1, got {k!r}")
+    return compile, k
 
 
 def _check_model_or_potential(model, potential_fn, model_args, model_kwargs, initial):
@@ -329,7 +356,7 @@ def _check_model_or_potential(model, potential_fn, model_args, model_kwargs, ini
                          "*event)> (or a Samples.last_state)")
 
 
-def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress, step):
+def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress, step, steps_per_call=1):
     adaptation = StepSizeAdaptation.for_kernel(kernel, state, warmup_steps)
     # divergent steps per chain so far: one in-place add per step, read on the host
     # only every `refresh` steps (progress bar, and the check that some chain can move)
@@ -344,7 +371,7 @@ def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress, step)
     with DeferredInterrupt("mcmc.sample: interrupted; ending after this step (Ctrl-C again to stop at "
                            "once)") as interrupt:
         done = _steps(kernel, state, step, adaptation, total, warmup_steps, thin, bar, refresh, stuck_limit,
-                      draws, energies, acc_sum, div_count, interrupt)
+                      draws, energies, acc_sum, div_count, interrupt, steps_per_call)
     state, warm_div, taken = done
     if bar is not None:
         bar.close()
@@ -368,47 +395,74 @@ def _run(kernel, state, unpack, num_samples, warmup_steps, thin, progress, step)
 
 
 def _steps(kernel, state, step, adaptation, total, warmup_steps, thin, bar, refresh, stuck_limit, draws,
-           energies, acc_sum, div_count, interrupt):
-    """The steps of :func:`_run`; ``(last state, warmup divergences, steps taken)``."""
+           energies, acc_sum, div_count, interrupt, steps_per_call=1):
+    """The steps of :func:`_run`; ``(last state, warmup divergences, steps taken)``.
+    A compiled ``step`` (:class:`~pyro_ebm.mcmc.compiled.CompiledSteps`) runs the
+    sampling phase ``steps_per_call`` steps per call; warmup, whose adaptation
+    reads every step, one per call. Draws, statistics, the divergence count, the
+    progress bar and Ctrl-C are then handled per call."""
     warm_div = div_count.clone()
     stuck, checked_at, div_at_check = 0, 0, div_count.clone()  # steps on which every chain diverged
-    for i in range(total):
+    run_steps = getattr(step, "run", None) if steps_per_call > 1 else None  # CompiledSteps.run
+    block = min(steps_per_call, total - warmup_steps)  # steps per compiled call after warmup
+    i = 0
+    while i < total:
         if interrupt.requested:
             return state, warm_div, i
         step_size = state.step_size  # the step size this step runs at
-        state, info = step(state)
-        div_count += info.diverging
-        if i < warmup_steps:
-            if adaptation is not None:
-                state = adaptation.step(state, info, final=i + 1 == warmup_steps)
-            if i + 1 == warmup_steps:
-                warm_div = div_count.clone()
-        elif (i - warmup_steps + 1) % thin == 0:
-            draws["position"].append(state.position)
-            draws["accept_prob"].append(info.accept_prob)
-            draws["step_size"].append(step_size)
-            draws["potential_energy"].append(state.potential_energy)
-            draws["diverging"].append(info.diverging)
-            if info.energy is not None:
-                energies.append(info.energy)
-        if bar is not None:
-            acc_sum += info.accept_prob
-        if (i + 1) % refresh == 0 or i + 1 == total:
+        if run_steps is not None and i >= warmup_steps and total - i >= block:
+            # sampling, compiled: `block` steps per call at the fixed step size (the
+            # last total % block steps, if any, one per call)
+            n = block
+            state, steps = run_steps(state, n)
+            div_count += steps.diverging.sum(0)
+            first = -(i - warmup_steps + 1) % thin  # the first kept step of the block
+            if first < n:
+                draws["position"].extend(steps.position[first::thin].unbind(0))
+                draws["accept_prob"].extend(steps.accept_prob[first::thin].unbind(0))
+                draws["potential_energy"].extend(steps.potential_energy[first::thin].unbind(0))
+                draws["diverging"].extend(steps.diverging[first::thin].unbind(0))
+                draws["step_size"].extend([step_size] * len(range(first, n, thin)))
+                if steps.energy is not None:
+                    energies.extend(steps.energy[first::thin].unbind(0))
+            if bar is not None:
+                acc_sum += steps.accept_prob.sum(0)
+        else:
+            n = 1
+            state, info = step(state)
+            div_count += info.diverging
+            if i < warmup_steps:
+                if adaptation is not None:
+                    state = adaptation.step(state, info, final=i + 1 == warmup_steps)
+                if i + 1 == warmup_steps:
+                    warm_div = div_count.clone()
+            elif (i - warmup_steps + 1) % thin == 0:
+                draws["position"].append(state.position)
+                draws["accept_prob"].append(info.accept_prob)
+                draws["step_size"].append(step_size)
+                draws["potential_energy"].append(state.potential_energy)
+                draws["diverging"].append(info.diverging)
+                if info.energy is not None:
+                    energies.append(info.energy)
+            if bar is not None:
+                acc_sum += info.accept_prob
+        i += n
+        if i // refresh > (i - n) // refresh or i == total:
             # every chain diverged on every step since the last check iff the fewest
             # divergences any chain had since then equals the number of steps
-            window = i + 1 - checked_at
+            window = i - checked_at
             stuck = stuck + window if int((div_count - div_at_check).min()) == window else 0
-            checked_at, div_at_check = i + 1, div_count.clone()
+            checked_at, div_at_check = i, div_count.clone()
             if stuck >= stuck_limit:
                 if bar is not None:
                     bar.close()
-                _raise_stuck(kernel, state, stuck, i, warmup_steps)
+                _raise_stuck(kernel, state, stuck, i - 1, warmup_steps)
             if bar is not None:
-                steps = (i + 1) - bar.n
-                bar.set_description("warmup" if i < warmup_steps else "sample", refresh=False)
-                bar.set_postfix(accept=f"{float(acc_sum.mean()) / steps:.3f}",
+                shown = i - bar.n
+                bar.set_description("warmup" if i - 1 < warmup_steps else "sample", refresh=False)
+                bar.set_postfix(accept=f"{float(acc_sum.mean()) / shown:.3f}",
                                 divergences=int(div_count.sum()), refresh=False)
-                bar.update(steps)
+                bar.update(shown)
                 acc_sum.zero_()
     return state, warm_div, total
 

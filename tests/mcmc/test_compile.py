@@ -6,6 +6,7 @@ samples the right distribution.
 Most cases compile with ``{"backend": "aot_eager"}`` (dynamo and AOT autograd
 without code generation: fast); one runs the default inductor backend."""
 
+import signal
 import warnings
 
 import pyro
@@ -216,3 +217,111 @@ def test_each_model_compiles_within_its_own_recompile_limit():
                 model, mcmc.MALA(0.05), 4, 3, model_args=(FEATURES, LABELS),
                 initial=torch.zeros(4, 3, dtype=DT), compile=FAST, progress=False))
             assert graphs >= 1, shift
+
+
+def counting_runs(monkeypatch, interrupt_after=None):
+    """Count the calls of ``CompiledSteps.run`` (and their step counts); with
+    ``interrupt_after``, send SIGINT to this process after that many calls."""
+    from pyro_ebm.mcmc.compiled import CompiledSteps
+
+    calls = []
+    original = CompiledSteps.run
+
+    def run_steps(self, state, k):
+        out = original(self, state, k)
+        calls.append(k)
+        if interrupt_after is not None and len(calls) == interrupt_after:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(CompiledSteps, "run", run_steps)
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+@pytest.mark.parametrize("target", ["model", "potential"])
+def test_several_steps_per_call_equal_eager(name, target, monkeypatch):
+    """After warmup, ``steps_per_call`` compiled steps per call (their random numbers
+    drawn first, in the order of single steps) give the eager run's draws and
+    statistics, with thinning and a sampling phase of 7 * 3 = 21 steps: five calls
+    of 4 steps, then one single step; the generator ends where the eager run's does."""
+    target = "model" if target == "model" else quartic
+    if target == "model":
+        run("model", KERNELS[name](), False, draws=1, warmup=0)
+    torch._dynamo.reset()
+    options = dict(FAST, steps_per_call=4)
+
+    def sampled(compile):
+        torch.manual_seed(1)
+        if target == "model":
+            out = mcmc.sample(logistic_model, KERNELS[name](), 8, 7, warmup_steps=10, thin=3,
+                              model_args=(FEATURES, LABELS), compile=compile, progress=False)
+        else:
+            out = mcmc.sample(potential_fn=target, kernel=KERNELS[name](), num_chains=8, num_samples=7,
+                              warmup_steps=10, thin=3, initial=torch.zeros(8, 2, dtype=DT), compile=compile,
+                              progress=False)
+        return out, torch.rand(3)  # where the generator ended
+
+    eager, after_eager = sampled(False)
+    calls = counting_runs(monkeypatch)
+    compiled, after_compiled = no_warnings(lambda: sampled(options))
+    assert calls == [4] * 5
+    assert compiled.num_samples == 7
+    assert_same_run(eager, compiled)
+    torch.testing.assert_close(compiled.last_state.position, eager.last_state.position, rtol=1e-9, atol=1e-9)
+    assert compiled.last_state.iteration == eager.last_state.iteration == 31
+    assert torch.equal(after_compiled, after_eager)
+    assert eager.stats["accept_prob"].mean() > 0.3
+
+
+def test_several_steps_per_call_annealed_langevin(monkeypatch):
+    """A kernel whose step inputs depend on the step number (the temperature of
+    AnnealedLangevin): each of the k steps of a call gets its own."""
+    kernel = mcmc.AnnealedLangevin(0.05, temperatures=[4.0, 2.0, 1.0], steps_per_level=3)
+    torch._dynamo.reset()
+    eager = run(quartic, kernel, False, draws=12, warmup=0)
+    calls = counting_runs(monkeypatch)
+    compiled = no_warnings(lambda: run(quartic, kernel, dict(FAST, steps_per_call=6), draws=12, warmup=0))
+    assert calls == [6, 6]
+    assert_same_run(eager, compiled)
+
+
+def test_steps_per_call_default_and_short_runs(monkeypatch):
+    """By default the sampling phase runs mcmc.run.STEPS_PER_CALL steps per call; a
+    sampling phase shorter than that is one call; ``steps_per_call=1`` is one step
+    per call."""
+    from pyro_ebm.mcmc.run import STEPS_PER_CALL
+
+    torch._dynamo.reset()
+    calls = counting_runs(monkeypatch)
+    run(quartic, mcmc.MALA(0.05), FAST, draws=2 * STEPS_PER_CALL + 1, warmup=3)
+    assert calls == [STEPS_PER_CALL] * 2
+    calls.clear()
+    run(quartic, mcmc.MALA(0.05), FAST, draws=3, warmup=3)
+    assert calls == [3]
+    calls.clear()
+    run(quartic, mcmc.MALA(0.05), dict(FAST, steps_per_call=1), draws=5, warmup=3)
+    assert calls == []
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "10"])
+def test_bad_steps_per_call(bad):
+    with pytest.raises(ValueError, match=r"compile\['steps_per_call'\] must be an int >= 1"):
+        run(quartic, mcmc.MALA(0.05), dict(FAST, steps_per_call=bad))
+
+
+def test_interrupted_compiled_run_returns_the_draws_so_far(monkeypatch):
+    """Ctrl-C during a call of several compiled steps ends the run after that call:
+    the draws of the calls made come back, the first draws of the whole run."""
+    torch._dynamo.reset()
+    options = dict(FAST, steps_per_call=5)
+    full = run(quartic, mcmc.MALA(0.05), options, draws=20, warmup=4)
+    counting_runs(monkeypatch, interrupt_after=2)
+    with pytest.warns(UserWarning, match=r"interrupted at step 14 of 24 \(sampling\): returning the 10 "
+                                         r"draw\(s\) per chain"):
+        part = run(quartic, mcmc.MALA(0.05), options, draws=20, warmup=4)
+    assert part.num_samples == 10 and part.last_state.iteration == 14
+    torch.testing.assert_close(part.positions, full.positions[:, :10], rtol=0, atol=0)
+    for name, value in part.stats.items():
+        assert torch.equal(value, full.stats[name][:, :10]), name
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
