@@ -6,6 +6,7 @@ test leans on files an earlier run left in ~/.cache."""
 
 import os
 import shutil
+import socket
 import tempfile
 
 import pyro
@@ -29,3 +30,16 @@ def _fresh_pyro_state():
     pyro.set_rng_seed(0)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a free TCP port on 127.0.0.1 (for a gloo process group
+    spawned by a test; no other address is ever a target)."""
+
+    def find():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return find

@@ -22,11 +22,8 @@ D, Z = 3, 2
 
 
 @pytest.fixture(autouse=True)
-def clean_store(monkeypatch):
+def _traced_path(monkeypatch):  # compiled steps need the traced path (conftest clears the param store)
     monkeypatch.delenv("PYRO_EBM_TRACE", raising=False)
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
 
 
 # -- the trainers, tiny ------------------------------------------------------------

@@ -5,7 +5,6 @@ once for the module (tests/infer/distributed_cases.py runs every case); the
 one-process references run here."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,17 +21,11 @@ pytestmark = pytest.mark.skipif(
     reason="needs torch.distributed with gloo")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory, free_port):
     """Both ranks' results: ``[rank 0's, rank 1's]`` and the common output prefix."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    port = _free_port()
+    port = free_port()
     path = os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "PYRO_EBM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     script = str(HERE / "distributed_cases.py")

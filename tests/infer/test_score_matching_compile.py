@@ -18,11 +18,8 @@ FAST = {"backend": "aot_eager"}  # the torch.func step through dynamo and AOT au
 
 
 @pytest.fixture(autouse=True)
-def clean_store(monkeypatch):
+def _traced_path(monkeypatch):  # compiled steps need the traced path (conftest clears the param store)
     monkeypatch.delenv("PYRO_EBM_TRACE", raising=False)
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
 
 
 def _train(make_model, objective, compile, steps=3, dtype=torch.float64, lr=1e-2):

@@ -4,7 +4,6 @@ give, on rank 0, the draws of one process running all C chains with the same see
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,17 +23,11 @@ def _worker_module():
     return module
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def two_ranks(tmp_path_factory, free_port):
     """What rank 0 and rank 1 of a two-process gloo group saved."""
     tmp = tmp_path_factory.mktemp("sharded")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYRO_EBM_PROGRESS="0", OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(port),
                                str(tmp / f"{rank}.pt")],
