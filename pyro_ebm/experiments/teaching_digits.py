@@ -207,6 +207,19 @@ def _timed(fn, *args):
 ROWS = ("VAE alone", "short-run EBM", "teaching, VAE (x0)", "teaching, revised (x̃)")
 
 
+def draw_rows(vae, short, teaching, n, seed):
+    """``n`` samples of each row of :data:`ROWS` after training (the VAE alone, the
+    short-run EBM, the taught VAE's decoder means x0 and their revisions x̃),
+    from the seed ``1000 + seed``."""
+    torch.manual_seed(1000 + seed)
+    with torch.no_grad():
+        drawn = {"VAE alone": vae.sample(n)}
+    drawn["short-run EBM"] = short.sample(n)
+    x_rev, path = teaching.sample(n, return_trajectory=True)
+    drawn["teaching, VAE (x0)"], drawn["teaching, revised (x̃)"] = path[:, 0], x_rev
+    return drawn
+
+
 def _cell(values, digits=2):
     mean = statistics.fmean(values)
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -295,12 +308,7 @@ def _one_seed(seed, x_train, x_test, iterations, store):
     vae, t_vae = _timed(train_vae, seed, x_train, iterations, store)
     short, t_short = _timed(train_short_run, seed, x_train, iterations, store)
     teaching, t_teach = _timed(train_teaching, seed, x_train, iterations, None, None, store)
-    torch.manual_seed(1000 + seed)
-    with torch.no_grad():
-        drawn = {"VAE alone": vae.sample(n)}
-    drawn["short-run EBM"] = short.sample(n)
-    x_rev, path = teaching.sample(n, return_trajectory=True)
-    drawn["teaching, VAE (x0)"], drawn["teaching, revised (x̃)"] = path[:, 0], x_rev
+    drawn = draw_rows(vae, short, teaching, n, seed)
     quality = {row: sample_quality(drawn[row], x_test) for row in ROWS}
     seconds = {"VAE alone": t_vae / iterations, "short-run EBM": t_short / iterations,
                "teaching": t_teach / iterations}

@@ -37,7 +37,7 @@ from ..models import VAE, GaussianDecoder, MLPEnergy
 from ..models import train_vae as fit_vae
 from ..models.nets import MLP, GaussianEncoder
 from ._runs import OptimState, RunStore
-from .teaching_digits import _loop, short_run_ebm
+from .teaching_digits import ROWS, _loop, draw_rows, short_run_ebm
 
 LATENT = 2
 HIDDEN = 128
@@ -127,7 +127,6 @@ def quality(samples, x_test):
     return {"mmd": 1000 * float(mmd(samples, x_test, bandwidths=BANDWIDTHS)), "modes": modes, "off": off}
 
 
-ROWS = ("VAE alone", "short-run EBM", "teaching, VAE (x0)", "teaching, revised (x̃)")
 
 
 def _figure(samples, energies, x_test, path):
@@ -213,12 +212,7 @@ def _one_seed(seed, x_test, iterations, n, store):
     start = time.perf_counter()
     teaching, teach_energy = train_teaching(seed, x_train, iterations, store)
     seconds["teaching"] = time.perf_counter() - start
-    torch.manual_seed(1000 + seed)
-    with torch.no_grad():
-        drawn = {"VAE alone": vae.sample(n)}
-    drawn["short-run EBM"] = short.sample(n)
-    x_rev, path = teaching.sample(n, return_trajectory=True)
-    drawn["teaching, VAE (x0)"], drawn["teaching, revised (x̃)"] = path[:, 0], x_rev
+    drawn = draw_rows(vae, short, teaching, n, seed)
     results = {row: quality(drawn[row], x_test) for row in ROWS}
     energies = {name: {k: v.detach().clone() for k, v in e.state_dict().items()}
                 for name, e in (("teaching", teach_energy), ("short-run", short_energy))}
