@@ -39,7 +39,7 @@ what it returns:
 from .density import CHAIN_PLATE, DATA_PLATE, log_density
 from .functional import NotTraced, PureDensity
 from .guide import GuideView, PureGuide
-from .jacobian import exact_trace, hutchinson_trace
+from .jacobian import basis_vectors, exact_trace, hutchinson_trace, projection_vectors, vjp_trace
 from .params import collect_params, functional, trainable_parameters
 from .potential import DataPotential, LatentPotential, LatentSite
 from .sites import (
@@ -84,10 +84,12 @@ __all__ = [
     "check_guide_sites",
     "collect_params",
     "energy_view",
+    "basis_vectors",
     "exact_trace",
     "find_nonfinite",
     "functional",
     "hutchinson_trace",
+    "projection_vectors",
     "is_factor",
     "is_validation_error",
     "latent_sites",
@@ -100,4 +102,5 @@ __all__ = [
     "site_info",
     "trainable_parameters",
     "trace_run",
+    "vjp_trace",
 ]

@@ -17,12 +17,15 @@ import pyro
 import torch
 
 from ..energy import (
+    basis_vectors,
     check_data,
     check_dtype,
     energy_view,
     exact_trace,
     find_nonfinite,
     hutchinson_trace,
+    projection_vectors,
+    vjp_trace,
 )
 from .checks import at_step, check_batch
 from .trainer import Trainer, collect_parameters
@@ -48,20 +51,6 @@ def noise_grid(batch_size, sigma_min, sigma_max, like):
 def _pure_score(log_density):
     """``x -> ∇_x Σ_n log p̃(x_n)`` with ``torch.func.grad`` (the items are independent)."""
     return torch.func.grad(lambda x: log_density(x).sum())
-
-
-def _rademacher(v, num_projections):
-    """Rademacher vectors shaped like ``v``, drawn as :func:`~pyro_ebm.energy.hutchinson_trace` draws them."""
-    return tuple(torch.randint_like(v, 2) * 2 - 1 for _ in range(num_projections))
-
-
-def _pure_hutchinson(vjp, noise):
-    """:func:`~pyro_ebm.energy.hutchinson_trace` with a ``torch.func.vjp`` of the score."""
-    total = 0.0
-    for u in noise:
-        (g,) = vjp(u)
-        total = total + _flat(g * u).sum(-1)
-    return total / len(noise)
 
 
 class ScoreObjective:
@@ -184,18 +173,14 @@ class ExactSM(ScoreObjective):
     def draw_noise(self, v):
         if _flat(v).shape[1] <= self.max_exact_dim:
             return ()
-        return _rademacher(v, self.num_projections)
+        return projection_vectors(v, self.num_projections)
 
     def pure_per_item(self, log_density, v, noise):
         s, vjp = torch.func.vjp(_pure_score(log_density), v)
         if noise:
-            trace = _pure_hutchinson(vjp, noise)
+            trace = vjp_trace(vjp, noise)
         else:  # one vector-Jacobian product per coordinate, vectorized
-            dim = _flat(v).shape[1]
-            basis = torch.eye(dim, dtype=v.dtype, device=v.device)
-            basis = basis.unsqueeze(1).expand(dim, v.shape[0], dim).reshape((dim,) + tuple(v.shape))
-            (rows,) = torch.func.vmap(vjp)(basis)  # rows[d] = e_d^T ∇s, shape (D, *v.shape)
-            trace = torch.diagonal(rows.reshape(dim, v.shape[0], dim), dim1=0, dim2=2).sum(-1)
+            trace = vjp_trace(vjp, basis_vectors(v), average=False, vectorized=True)
         return 0.5 * _flat(s).pow(2).sum(-1) + trace
 
 
@@ -227,11 +212,11 @@ class SSM(ScoreObjective):
         return 0.5 * _flat(s).pow(2).sum(-1) + hutchinson_trace(s, x, self.num_projections)
 
     def draw_noise(self, v):
-        return _rademacher(v, self.num_projections)
+        return projection_vectors(v, self.num_projections)
 
     def pure_per_item(self, log_density, v, noise):
         s, vjp = torch.func.vjp(_pure_score(log_density), v)
-        return 0.5 * _flat(s).pow(2).sum(-1) + _pure_hutchinson(vjp, noise)
+        return 0.5 * _flat(s).pow(2).sum(-1) + vjp_trace(vjp, noise)
 
 
 class DSM(ScoreObjective):
