@@ -48,7 +48,7 @@ def _grid_figure(panels, data, path):
 
 def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2), resume: bool = False) -> str:
     seeds = tuple(seeds)[:1] if quick else tuple(seeds)
-    iterations = 5 if quick else 5000
+    iterations = 5 if quick else 100_000
     store = RunStore(out_dir, resume, {"experiment": "grbm-checkerboard", "quick": quick,
                                        "iterations": iterations})
     train = datasets.toy("checkerboard", 2000 if quick else 20000, seed=100)
@@ -57,7 +57,7 @@ def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2), resume: bool = Fals
     table, _ = run_table(
         "GaussianRBM on the checkerboard", train, test, visible=2, hidden=4, sigma=0.05, lr=1e-3,
         iterations=iterations, seeds=seeds, store=store,
-        plot=lambda grbm, name, ll: panels.append((name, grbm, ll)),
+        plot=lambda grbm, name, ll: panels.append((name, grbm, ll)), compile=True,
     )
     figure = Path(out_dir) / "grbm_checkerboard.png"
     _grid_figure(panels, train, figure)

@@ -195,10 +195,10 @@ def compiled_inner_steps(alg, parts, v, args, kwargs):
     theta = [p.detach() for p in parts.theta()[0]]
     losses = []
     for k in range(alg.inner_steps):
-        eps = torch.randn_like(v)  # the eager step's order: the data's noise, then the guide's
+        x = alg._lower_data(v)  # the eager step's order: the data's noise, then the guide's
         noise = parts.guide.draw()
         phi = [p.detach() for p in parts.guide.parameters()]
-        loss, g = fn(theta, phi, v, eps, noise)
+        loss, g = fn(theta, phi, x, noise)
         alg._watch("guide", f"the lower-level (inner step {k + 1}) loss", loss)
         alg._apply("guide", parts.guide_grads(g, size), f"inner step {k + 1}")
         losses.append(loss.detach())
@@ -383,11 +383,16 @@ class BiSM(Trainer):
             state = {n: {k: torch.as_tensor(x, dtype=torch.float64) if k == "step" else x
                          for k, x in st.items()} for n, st in self._unrolled.state.items()}
         v = v.detach()
-        unroll_noise = [(torch.randn_like(v), parts.guide.draw()) for _ in range(self.unroll_steps)]
-        eps, noise = torch.randn_like(v), parts.guide.draw()
+        unroll_noise = [(self._lower_data(v), parts.guide.draw()) for _ in range(self.unroll_steps)]
+        # the eager step's order: DSM / MDSM draw their noise before the score's
+        # guide draw, SSM its projections after it
+        if self.objective.noised:
+            score_noise, noise = self.objective.draw_noise(v), parts.guide.draw()
+        else:
+            noise, score_noise = parts.guide.draw(), self.objective.draw_noise(v)
         theta, selected = parts.theta()
         loss, grads, unrolled = fn([p.detach() for p in selected], [p.detach() for p in theta], phi, state, v,
-                                   unroll_noise, eps, noise)
+                                   unroll_noise, score_noise, noise)
         for n, x in enumerate(unrolled):
             self._watch("guide", f"the unrolled lower-level (step {n + 1}) loss", x)
         self._watch("model", "the upper-level loss", loss)

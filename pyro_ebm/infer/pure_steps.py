@@ -21,7 +21,7 @@ import torch
 from torch.func import grad, grad_and_value, vmap
 
 from ..energy import NotTraced
-from .score_matching import DSM, MDSM
+from .score_matching import DSM, MDSM, ScoreObjective
 
 __all__ = ["PureParts", "hypergradient", "lower_grad", "pure_parts", "vages_grad"]
 
@@ -74,8 +74,10 @@ class PureParts:
 def pure_parts(algo, v, rest, kwargs, vages=False):
     """:class:`PureParts` of ``algo`` (a BiSM or VaGES) for the batch ``v``, or raise
     :class:`~pyro_ebm.energy.NotTraced` saying why there is no pure step."""
-    if not isinstance(algo.objective, (DSM, MDSM)):
-        raise NotTraced(f"the objective {type(algo.objective).__name__} has no pure form (DSM and MDSM have)")
+    if vages and not isinstance(algo.objective, (DSM, MDSM)):
+        raise NotTraced(f"the objective {type(algo.objective).__name__} has no pure VaGES form (DSM and MDSM have)")
+    if type(algo.objective).pure_per_item is ScoreObjective.pure_per_item:
+        raise NotTraced(f"the objective {type(algo.objective).__name__} has no pure form (no pure_per_item)")
     L = algo.num_particles
     guide = algo.guide_view.pure(v, *rest, num_particles=L, **kwargs)
     with torch.random.fork_rng(), torch.no_grad():
@@ -110,12 +112,12 @@ def _lower_loss(kind, parts, theta, phi, x, noise, rest, kwargs):
 
 
 def lower_grad(algo, parts, rest, kwargs):
-    """``fn(theta, phi, v, eps, noise) -> (loss, grads in phi)``: one lower-level
-    loss at ``perturb(v, eps)`` and its gradient in the guide's weights."""
-    kind, objective = algo.lower, algo.objective
+    """``fn(theta, phi, x, noise) -> (loss, grads in phi)``: one lower-level loss
+    at the lower level's data ``x`` (the batch, noised for DSM / MDSM) and its
+    gradient in the guide's weights."""
+    kind = algo.lower
 
-    def fn(theta, phi, v, eps, noise):
-        x = objective.perturb(v, eps)
+    def fn(theta, phi, x, noise):
         g, loss = grad_and_value(lambda w: _lower_loss(kind, parts, theta, w, x, noise, rest, kwargs))(phi)
         return loss, g
 
@@ -123,19 +125,22 @@ def lower_grad(algo, parts, rest, kwargs):
 
 
 def hypergradient(algo, parts, unrolled, rest, kwargs):
-    """``fn(selected, theta, phi, state, v, unroll_noise, eps, noise) -> (J, grads,
-    unrolled losses)``: BiSM's upper loss :math:`J(\\theta, \\phi_N(\\theta))` after
-    the unrolled Adam steps (``unrolled``: an :class:`~pyro_ebm.infer.unroll.UnrolledAdam`)
-    and its total derivative in the model level's parameters ``selected``."""
+    """``fn(selected, theta, phi, state, v, unroll_noise, score_noise, noise) -> (J,
+    grads, unrolled losses)``: BiSM's upper loss :math:`J(\\theta, \\phi_N(\\theta))`
+    after the unrolled Adam steps (``unrolled``: an
+    :class:`~pyro_ebm.infer.unroll.UnrolledAdam`; ``unroll_noise`` holds each
+    step's lower-level data and guide noise) and its total derivative in the model
+    level's parameters ``selected``. The objective's random numbers ``score_noise``
+    (:meth:`~pyro_ebm.infer.ScoreObjective.draw_noise`) fix where the score is
+    evaluated; the guide's draw ``noise`` is taken there and held fixed in ``x``."""
     kind, objective, names = algo.lower, algo.objective, parts.guide.names
     model, guide, L = parts.model, parts.guide, parts.L
 
-    def fn(selected, theta_all, phi, state, v, unroll_noise, eps, noise):
+    def fn(selected, theta_all, phi, state, v, unroll_noise, score_noise, noise):
         def upper(selected):
             theta = parts.with_theta(theta_all, selected)
             w, st, losses = dict(zip(names, phi, strict=True)), state, []
-            for e_n, n_n in unroll_noise:
-                x = objective.perturb(v, e_n)
+            for x, n_n in unroll_noise:
 
                 def lower(w, x=x, n_n=n_n):
                     return _lower_loss(kind, parts, theta, [w[k] for k in names], x, n_n, rest, kwargs)
@@ -144,15 +149,13 @@ def hypergradient(algo, parts, unrolled, rest, kwargs):
                 w, st = unrolled.update(w, g, st)
                 losses.append(loss)
             phi_n = [w[k] for k in names]
-            x = objective.perturb(v, eps)
-            values = guide.sample(phi_n, x, *rest, noise=noise, **kwargs)
+            values = guide.sample(phi_n, objective.evaluation_point(v, score_noise), *rest, noise=noise, **kwargs)
 
             def log_ratio(x):
                 return (model(theta, x, *rest, values=values, **kwargs).sum()
-                        - guide.log_density(phi_n, x, *rest, values=values, **kwargs))
+                        - guide.log_density(phi_n, x, *rest, values=values, **kwargs)) / L
 
-            s = grad(log_ratio)(x) / L
-            J = objective.residual(s, v, eps).mean()
+            J = objective.pure_per_item(log_ratio, v, score_noise).mean()
             return J, (J, losses)
 
         g, (J, losses) = grad(upper, has_aux=True)(selected)

@@ -76,6 +76,11 @@ class ScoreObjective:
         """The data the objective evaluates scores at (noised for DSM / MDSM)."""
         return v
 
+    def evaluation_point(self, v, noise):
+        """Where :meth:`pure_per_item` with the random numbers ``noise`` evaluates
+        the score: ``v``, or the noised data for DSM / MDSM."""
+        return v
+
     def draw_noise(self, v):
         """The random numbers one evaluation of :meth:`per_item` on ``v`` draws, drawn
         here, from the same stream and in the same order, as a tuple of tensors
@@ -260,6 +265,9 @@ class DSM(ScoreObjective):
     def draw_noise(self, v):
         return (torch.randn_like(v),)
 
+    def evaluation_point(self, v, noise):
+        return self.perturb(v, noise[0])
+
     def pure_per_item(self, log_density, v, noise):
         (eps,) = noise
         s = _pure_score(log_density)(self.perturb(v, eps))
@@ -315,6 +323,9 @@ class MDSM(ScoreObjective):
 
     def draw_noise(self, v):
         return (torch.randn_like(v),)
+
+    def evaluation_point(self, v, noise):
+        return self.perturb(v, noise[0])
 
     def pure_per_item(self, log_density, v, noise):
         (eps,) = noise
