@@ -73,9 +73,12 @@ def _diverged(err):
     return "non-finite" in text or "NaN" in text or "diverg" in text
 
 
-def train_one(name, factory, train, test, visible, hidden, iterations, seed, store):
+def train_one(name, factory, train, test, visible, hidden, iterations, seed, store, ais=None):
     """One method and seed, trained in ``store``'s checkpointed loop: its numbers,
-    and the trained GaussianRBM's state (for the figures)."""
+    and the trained GaussianRBM's state (for the figures). With ``ais`` (the
+    keyword arguments of :meth:`~pyro_ebm.models.GaussianRBM.ais_log_partition`)
+    the numbers also hold the test log-likelihood under the AIS estimate of log Z
+    (``ll_ais``) and that estimate's standard error (``ais_se``)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     grbm = GaussianRBM(visible, hidden).to(train.dtype)
@@ -103,6 +106,14 @@ def train_one(name, factory, train, test, visible, hidden, iterations, seed, sto
         ll = float(grbm.log_likelihood(test).mean()) if diverged is None else math.nan
     sm = ExactSM(max_exact_dim=test.shape[1]).evaluate(grbm.marginal, test) if diverged is None else math.nan
     numbers = {"ll": ll, "sm": sm, "seconds": seconds, "diverged": diverged}
+    if ais is not None:
+        numbers["ll_ais"], numbers["ais_se"] = math.nan, math.nan
+        if diverged is None:
+            torch.manual_seed(20_000 + seed)
+            log_z, se = grbm.ais_log_partition(**ais, return_stderr=True)
+            with torch.no_grad():
+                numbers["ll_ais"] = float(grbm.log_likelihood(test, log_partition=log_z).mean())
+            numbers["ais_se"] = float(se)
     return numbers, {"model": {k: v.detach().clone() for k, v in grbm.state_dict().items()}}
 
 
@@ -125,17 +136,22 @@ def _fmt(values, digits=3):
 
 
 def run_table(title, train, test, visible, hidden, sigma, lr, iterations, seeds, store, plot=None,
-              compile=False):
-    """Every method of :func:`method_factories` for every seed, each a run of
-    ``store`` (a :class:`~pyro_ebm.experiments._runs.RunStore`): the Markdown
-    table and the runs' numbers by method. ``plot(grbm, name, ll)`` gets the first
-    seed's trained model of each method that did not diverge."""
+              compile=False, methods=None, ais=None):
+    """Every method of :func:`method_factories` (or those named in ``methods``)
+    for every seed, each a run of ``store`` (a
+    :class:`~pyro_ebm.experiments._runs.RunStore`): the Markdown table and the
+    runs' numbers by method. ``plot(grbm, name, ll)`` gets the first seed's
+    trained model of each method that did not diverge; ``ais`` adds the AIS
+    column (see :func:`train_one`)."""
     factories = method_factories(sigma, lr, visible, hidden, compile=compile)
+    if methods is not None:
+        factories = {name: factories[name] for name in methods}
     results = {name: [] for name in factories}
     for name, factory in factories.items():
         for seed in seeds:
             r, tensors = store.run(f"{name} seed {seed}", train_one,
-                                      name, factory, train, test, visible, hidden, iterations, seed, store)
+                                   name, factory, train, test, visible, hidden, iterations, seed, store,
+                                   **({} if ais is None else {"ais": ais}))
             if plot is not None and seed == seeds[0] and r["diverged"] is None:
                 plot(trained_model(tensors, visible, hidden, train.dtype), name, r["ll"])
             results[name].append(r)
@@ -146,12 +162,14 @@ def run_table(title, train, test, visible, hidden, sigma, lr, iterations, seeds,
         f"{iterations} iterations, seeds {list(seeds)}, DSM σ = {sigma}"
         f"{', compiled steps' if compile else ''}. Mean ± sd across seeds.",
         "",
-        "| method | test log-likelihood | test SM objective (exact trace) | s / run |",
-        "|---|---|---|---|",
+        "| method | test log-likelihood | " + ("AIS test log-likelihood | " if ais else "")
+        + "test SM objective (exact trace) | s / run |",
+        "|---|---|---|---|" + ("---|" if ais else ""),
     ]
     for name, rs in results.items():
-        lines.append(f"| {name} | {_fmt([r['ll'] for r in rs])} | {_fmt([r['sm'] for r in rs])} | "
-                     f"{statistics.fmean(r['seconds'] for r in rs):.1f} |")
+        lines.append(f"| {name} | {_fmt([r['ll'] for r in rs])} | "
+                     + (f"{_fmt([r['ll_ais'] for r in rs])} | " if ais else "")
+                     + f"{_fmt([r['sm'] for r in rs])} | {statistics.fmean(r['seconds'] for r in rs):.1f} |")
     lines += ["", verdict(results), ""]
     return "\n".join(lines), results
 
@@ -161,6 +179,8 @@ def verdict(results):
     plain counterpart (mean log-likelihood within one sd across seeds, or better)."""
     parts, holds = [], True
     for name, base in COUNTERPART.items():
+        if name not in results or base not in results:
+            continue
         a = [r["ll"] for r in results[name]]
         b = [r["ll"] for r in results[base]]
         if not all(map(math.isfinite, a + b)):

@@ -75,7 +75,8 @@ def pure_parts(algo, v, rest, kwargs, vages=False):
     """:class:`PureParts` of ``algo`` (a BiSM or VaGES) for the batch ``v``, or raise
     :class:`~pyro_ebm.energy.NotTraced` saying why there is no pure step."""
     if vages and not isinstance(algo.objective, (DSM, MDSM)):
-        raise NotTraced(f"the objective {type(algo.objective).__name__} has no pure VaGES form (DSM and MDSM have)")
+        raise NotTraced(f"the objective {type(algo.objective).__name__} has no pure VaGES form "
+                        "(DSM and MDSM have)")
     if type(algo.objective).pure_per_item is ScoreObjective.pure_per_item:
         raise NotTraced(f"the objective {type(algo.objective).__name__} has no pure form (no pure_per_item)")
     L = algo.num_particles
@@ -149,7 +150,8 @@ def hypergradient(algo, parts, unrolled, rest, kwargs):
                 w, st = unrolled.update(w, g, st)
                 losses.append(loss)
             phi_n = [w[k] for k in names]
-            values = guide.sample(phi_n, objective.evaluation_point(v, score_noise), *rest, noise=noise, **kwargs)
+            at = objective.evaluation_point(v, score_noise)
+            values = guide.sample(phi_n, at, *rest, noise=noise, **kwargs)
 
             def log_ratio(x):
                 return (model(theta, x, *rest, values=values, **kwargs).sum()
