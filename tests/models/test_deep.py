@@ -115,9 +115,15 @@ def test_experiment_quick_run_reports_finite_fd(tmp_path):
     from pyro_ebm.experiments import deep_eblvm_digits
 
     text = deep_eblvm_digits.run(tmp_path, quick=True)
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "FD to TEST" not in line]
+    table = text.split("| sample kind | FD to TEST |")[1].split("\n\n")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 4
-    values = [float(line.rstrip(" |").rsplit("|", 1)[1]) for line in rows]
+    values = [float(line.rstrip(" |").rsplit("|", 1)[1].split("±")[0]) for line in rows]
     assert all(math.isfinite(x) and x >= 0 for x in values)
+    # the FD at each milestone, and the class answers as percentages
+    curve = text.split("| iterations | joint | conditional |")[1].split("\n\n")[0]
+    assert [line.split("|")[1].strip() for line in curve.splitlines()[2:]] == ["10", "20"]
+    assert "logistic regression on the guide's means" in text and "% expected by chance" in text
+    assert (tmp_path / "deep_eblvm_fd.png").stat().st_size > 0
     assert (tmp_path / "deep_eblvm_joint.png").stat().st_size > 0
     assert (tmp_path / "deep_eblvm_conditional.png").stat().st_size > 0
