@@ -105,10 +105,12 @@ def _batches(data, seed, iterations):
 
 
 
-def train_teaching(seed, x_train, iterations, y_train=None, progress=None, store=None, name="teaching"):
+def train_teaching(seed, x_train, iterations, y_train=None, progress=None, store=None, name="teaching",
+                   evaluate=None, evaluations=None):
     """MCMC teaching of a fresh energy and VAE; with ``store`` (a
     :class:`~pyro_ebm.experiments._runs.RunStore`, inside one of its runs) the
-    training is checkpointed under ``name`` and resumable."""
+    training is checkpointed under ``name`` and resumable. ``evaluate`` and
+    ``evaluations``: see :func:`_loop`."""
     energy, vae = build(seed, 10 if y_train is not None else None)
     teaching = MCMCTeaching(energy, vae.model, vae.guide, ebm_optim(), vae_optim(), kernel=kernel(),
                             num_langevin_steps=LANGEVIN_STEPS, energy_penalty=ENERGY_PENALTY)
@@ -119,26 +121,49 @@ def train_teaching(seed, x_train, iterations, y_train=None, progress=None, store
         if progress is not None:
             progress(i, teaching.last_losses)
 
-    _loop(store, name, teaching, _batches(data, seed, iterations), iterations, step, (energy, vae))
+    _loop(store, name, teaching, _batches(data, seed, iterations), iterations, step, (energy, vae),
+          None if evaluate is None else (lambda: evaluate(teaching)), evaluations, seed)
     return teaching
 
 
-def _loop(store, name, state, batches, iterations, step, modules):
-    """``step(i, batch)`` over ``batches``: plainly, or checkpointed in ``store``."""
+def _loop(store, name, state, batches, iterations, step, modules, evaluate=None, evaluations=None, seed=0):
+    """``step(i, batch)`` over ``batches``: plainly, or checkpointed in ``store``.
+
+    With ``evaluate`` and a dict ``evaluations``, ``evaluations[m] = evaluate()``
+    after each step ``m`` (counted from 1) that is a key of ``evaluations`` (the
+    milestones, with the value ``None`` until then), on a random stream of its
+    own seeded by ``seed`` and ``m``; the evaluations are the loop's step values,
+    so a resumed run keeps those made before the interruption."""
+    milestones = set(evaluations) if evaluate is not None and evaluations is not None else set()
+
+    def run_step(i, batch):
+        value = step(i, batch)
+        if i + 1 not in milestones:
+            return value
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(2000 + seed + i)
+            return {"milestone": i + 1, "evaluation": evaluate()}
+
     if store is None:
-        for i, batch in enumerate(batches):
-            step(i, batch)
+        values = [run_step(i, batch) for i, batch in enumerate(batches)]
     else:
-        store.train(name, state, batches, iterations, step=step, modules=modules, desc=f"{name}")
+        values, _ = store.train(name, state, batches, iterations, step=run_step, modules=modules,
+                                desc=f"{name}")
+    for x in values:
+        if isinstance(x, dict) and "milestone" in x:
+            evaluations[x["milestone"]] = x["evaluation"]
 
 
-def train_vae(seed, x_train, iterations, store=None):
+def train_vae(seed, x_train, iterations, store=None, evaluate=None, evaluations=None):
     """The VAE alone, trained by Pyro's SVI with Trace_ELBO
-    (:func:`pyro_ebm.models.train_vae`); checkpointed in ``store`` when given."""
+    (:func:`pyro_ebm.models.train_vae`); checkpointed in ``store`` when given.
+    ``evaluate(vae)`` and ``evaluations``: see :func:`_loop`."""
     _, vae = build(seed)
     fit_vae(vae, _batches(x_train, seed, iterations), iterations, vae_optim(),
             loop=lambda svi, step, batches: _loop(store, "VAE alone", OptimState(svi.optim), batches,
-                                                  iterations, step, (vae,)))
+                                                  iterations, step, (vae,),
+                                                  None if evaluate is None else (lambda: evaluate(vae)),
+                                                  evaluations, seed))
     return vae
 
 
