@@ -158,7 +158,7 @@ def image_patches(size: int = 8, split: str = "train", seed: int = 0):
 
     .. math::
 
-        x = (p - \mu_	ext{train}) / \sigma_	ext{train},
+        x = (p - \mu_\text{train}) / \sigma_\text{train},
 
     so the training split has mean 0 and standard deviation 1 in every
     coordinate and the test split is on the same scale. ``seed`` only shuffles
