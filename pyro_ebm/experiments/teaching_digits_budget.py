@@ -15,6 +15,7 @@ steps (x̃).
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -64,10 +65,13 @@ def _one_seed(seed, x_train, x_test, iterations, milestones, store):
 
     alone = dict.fromkeys(milestones)
     taught = dict.fromkeys(milestones)
+    start = time.perf_counter()
     train_vae(seed, x_train, iterations, store, evaluate=vae_quality, evaluations=alone)
     train_teaching(seed, x_train, iterations, None, None, store, evaluate=teaching_quality,
                    evaluations=taught)
-    return {str(m): {**alone[m], **taught[m]} for m in milestones}, None
+    # the wall time of this session of the run (a resumed run counts from its resumption)
+    return {**{str(m): {**alone[m], **taught[m]} for m in milestones},
+            "seconds": time.perf_counter() - start}, None
 
 
 def _stats(runs, m, kind, key):
@@ -116,7 +120,9 @@ def _report(runs, milestones, seeds, n, figure):
             fd, mmd = _stats(runs, m, kind, "fd"), _stats(runs, m, kind, "mmd")
             cells.append(f"{fd[0]:.2f} ± {fd[1]:.2f} / {mmd[0]:.1f} ± {mmd[1]:.1f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", verdict(runs, milestones), "", f"Figure: `{figure}`.", ""]
+    wall = sum(r["seconds"] for r in runs)
+    lines += ["", verdict(runs, milestones), "", f"Figure: `{figure}`. Wall time {wall / 60:.0f} min "
+              "(one thread, the seeds one after the other).", ""]
     return "\n".join(lines)
 
 
