@@ -19,6 +19,8 @@ backward and no Pyro message. :class:`Compiled` wraps such a function:
 
 from __future__ import annotations
 
+import functools
+import types
 import warnings
 
 import torch
@@ -57,6 +59,21 @@ def _on_cuda(args):
     return False
 
 
+def _own_code(fn):
+    """``fn`` with a code object of its own. ``torch.compile`` keeps its compiled
+    graphs per code object, at most ``torch._dynamo.config.recompile_limit`` (8)
+    of them, and the steps of all trainers are closures of a few functions, each
+    guarded on what it closes over: without a code object each, the ninth trainer
+    of a process (say, the third seed of three methods) would silently run its
+    step uncompiled."""
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                             fn.__closure__)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    return functools.update_wrapper(own, fn, updated=())
+
+
 def _clone(out):
     if torch.is_tensor(out):
         return out.clone()
@@ -93,7 +110,7 @@ class Compiled:
                 if "mode" not in options and "backend" not in options and _on_cuda(args):
                     options["mode"] = "reduce-overhead"  # CUDA graphs: one launch per step
                 self._graphs = options.get("mode") == "reduce-overhead"
-                self._compiled = torch.compile(self.fn, **options)
+                self._compiled = torch.compile(_own_code(self.fn), **options)
             if self._graphs:
                 torch.compiler.cudagraph_mark_step_begin()
                 return _clone(self._compiled(*args))  # a graph's outputs are overwritten by its next run

@@ -167,3 +167,26 @@ def test_the_optimizer_step_inside_the_compiled_function_equals_torch(make_optim
             torch.testing.assert_close(sa[k].double(), sb[k].double(), rtol=1e-10, atol=1e-13)
     steps = [c for c in trainer._compiled_steps.values() if c is not None and not isinstance(c, bool)]
     assert len(steps) == 1  # a new learning rate compiles nothing new
+
+
+def test_every_trainer_of_a_process_gets_compiled_steps_past_the_recompile_limit():
+    """torch.compile keeps at most ``recompile_limit`` (8) graphs per code object;
+    the steps of all trainers are closures of one function, so without a code
+    object each the ninth trainer would run its step uncompiled, silently."""
+    compiled = []
+
+    def counting(gm, example_inputs):
+        compiled.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit
+    for seed in range(limit + 2):
+        pyro.clear_param_store()
+        torch.manual_seed(seed)
+        grbm = GaussianRBM(2, 3)
+        trainer = ScoreMatching(grbm.marginal, pyro.optim.Adam({"lr": 1e-2}), objective=DSM(0.3),
+                                compile={"backend": counting})
+        before = len(compiled)
+        trainer.step(torch.randn(16, 2))
+        assert len(compiled) > before, f"trainer {seed + 1} ran its step uncompiled"
