@@ -280,8 +280,9 @@ class BiSM(Trainer):
         written with ``torch.func`` on the model's traced pure function and the
         guide's (:meth:`~pyro_ebm.energy.GuideView.pure`); the random numbers are
         drawn eagerly, so a compiled step equals an eager one from the same seed
-        to rounding. DSM and MDSM objectives with a guide that has
-        ``conditionals`` compile; anything else runs eagerly after one warning.
+        to rounding. Every built-in objective (DSM, MDSM, SSM, ExactSM) with a
+        guide that has ``conditionals`` compiles; anything else runs eagerly
+        after one warning.
 
     >>> grbm = GaussianRBM(visible_dim=2, hidden_dim=4)
     >>> guide = AmortizedBernoulli(visible_dim=2, hidden_dim=4, site="h", temperature=0.1)
