@@ -9,7 +9,7 @@ import torch
 from sklearn.datasets import load_breast_cancer
 
 from pyro_ebm import cli
-from pyro_ebm.experiments.gebm_density import Whitened, clip_splits, standardized_splits
+from pyro_ebm.experiments._density import Whitened, clip_splits, standardized_splits
 from pyro_ebm.experiments.gebm_density_breast_cancer import BREAST_CANCER, breast_cancer_splits
 
 

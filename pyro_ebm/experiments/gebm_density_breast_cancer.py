@@ -8,7 +8,7 @@ standardization with the training statistics a few coordinates still lie
 beyond 5 standard deviations (up to about 10), so every standardized coordinate
 is clipped to :math:`[-5, 5]` in all three splits, the same data for both
 models. The networks are wider than wine's for the 30-D data, and the base
-flow works on whitened coordinates (:class:`~.gebm_density.Whitened`): radius,
+flow works on whitened coordinates (:class:`~._density.Whitened`): radius,
 perimeter and area are related almost linearly, which a RealNVP cannot model
 between coordinates of the same half.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .gebm_density import DensityData, clip_splits, run_density, standardized_splits
+from ._density import DensityData, clip_splits, run_density, standardized_splits
 
 
 def _breast_cancer():
