@@ -279,6 +279,9 @@ def _curve_figure(rows, reference, path):
                     label=f"seed {r['seed']}, {'joint' if kind == 'joint' else 'conditional'}")
     ax.axhline(reference["TRAIN images (reference)"], color="k", lw=0.8, ls=":", label="TRAIN images")
     ax.set_xscale("log")
+    ticks = sorted(int(k) for k in rows[0]["curve"])
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("training iterations")
     ax.set_ylabel("FD to TEST")
     ax.legend(fontsize=6)
@@ -360,7 +363,7 @@ def _verdict(rows, reference, curve, pixels_probe):
     probe = _mean_sd([r["probe"] for r in rows])[0]
     agree = _mean_sd([r["agree"] for r in rows])[0]
     chance = _mean_sd([r["chance"] for r in rows])[0]
-    keeps = ("the guide's mean carries most of the class" if probe >= 0.5 * pixels_probe
+    keeps = ("the guide's mean carries much of the class" if probe >= 0.5 * pixels_probe
              else "the guide's mean carries little of the class")
     samples = ("conditional samples keep it" if agree >= 2 * chance
                else "the conditional samples do not keep it")
