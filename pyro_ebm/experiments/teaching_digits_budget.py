@@ -93,6 +93,7 @@ def _figure(runs, milestones, path):
                         capsize=3, label=kind)
         ax.set_xscale("log")
         ax.set_xticks(milestones, [str(m) for m in milestones])
+        ax.minorticks_off()
         ax.set_xlabel("training iterations")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
