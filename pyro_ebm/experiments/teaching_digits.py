@@ -106,14 +106,15 @@ def _batches(data, seed, iterations):
 
 
 def train_teaching(seed, x_train, iterations, y_train=None, progress=None, store=None, name="teaching",
-                   evaluate=None, evaluations=None):
+                   evaluate=None, evaluations=None, noise=True):
     """MCMC teaching of a fresh energy and VAE; with ``store`` (a
     :class:`~pyro_ebm.experiments._runs.RunStore`, inside one of its runs) the
     training is checkpointed under ``name`` and resumable. ``evaluate`` and
-    ``evaluations``: see :func:`_loop`."""
+    ``evaluations``: see :func:`_loop`; ``noise=False`` switches the Langevin
+    noise of the revisions off (gradient descent, as the reference code ran)."""
     energy, vae = build(seed, 10 if y_train is not None else None)
     teaching = MCMCTeaching(energy, vae.model, vae.guide, ebm_optim(), vae_optim(), kernel=kernel(),
-                            num_langevin_steps=LANGEVIN_STEPS, energy_penalty=ENERGY_PENALTY)
+                            num_langevin_steps=LANGEVIN_STEPS, energy_penalty=ENERGY_PENALTY, noise=noise)
     data = x_train if y_train is None else (x_train, y_train)
 
     def step(i, batch):

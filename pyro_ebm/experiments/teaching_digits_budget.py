@@ -30,27 +30,37 @@ KINDS = ("VAE alone", "teaching, VAE (x0)", "teaching, revised (x̃)")
 
 
 def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2), resume: bool = False) -> str:
+    return run_budget(out_dir, quick, seeds, resume)
+
+
+def run_budget(out_dir, quick=False, seeds=(0, 1, 2), resume=False, name="teaching-digits-budget",
+               iterations=ITERATIONS, milestones=MILESTONES, noise=True, title="a larger budget"):
+    """The experiment for ``name``: the VAE alone and MCMC teaching (Langevin
+    ``noise`` on or off) trained ``iterations`` steps, measured at ``milestones``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = tuple(seeds)[:1] if quick else tuple(seeds)
-    iterations, milestones = (6, (3, 6)) if quick else (ITERATIONS, MILESTONES)
+    iterations, milestones = (6, (3, 6)) if quick else (iterations, tuple(milestones))
     x_train = datasets.digits("train")
     x_test = datasets.digits("test")[: 100 if quick else None]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small networks: threads only contend on a shared CPU
-    store = RunStore(out_dir, resume, {"experiment": "teaching-digits-budget", "quick": quick,
-                                       "iterations": iterations, "milestones": list(milestones)})
+    config = {"experiment": name, "quick": quick, "iterations": iterations, "milestones": list(milestones)}
+    if not noise:
+        config["noise"] = False
+    store = RunStore(out_dir, resume, config)
     try:
-        runs = [store.run(f"seed {seed}", _one_seed, seed, x_train, x_test, iterations, milestones, store)[0]
+        runs = [store.run(f"seed {seed}", _one_seed, seed, x_train, x_test, iterations, milestones, store,
+                          noise)[0]
                 for seed in seeds]
     finally:
         torch.set_num_threads(threads)
-    figure = out_dir / "teaching_digits_budget.png"
+    figure = out_dir / (name.replace("-", "_") + ".png")
     _figure(runs, milestones, figure)
-    return _report(runs, milestones, seeds, len(x_test), figure.name)
+    return _report(runs, milestones, seeds, len(x_test), figure.name, name, noise, title)
 
 
-def _one_seed(seed, x_train, x_test, iterations, milestones, store):
+def _one_seed(seed, x_train, x_test, iterations, milestones, store, noise=True):
     """One seed: the VAE alone and MCMC teaching, each measured at the milestones."""
     n = len(x_test)
 
@@ -68,7 +78,7 @@ def _one_seed(seed, x_train, x_test, iterations, milestones, store):
     start = time.perf_counter()
     train_vae(seed, x_train, iterations, store, evaluate=vae_quality, evaluations=alone)
     train_teaching(seed, x_train, iterations, None, None, store, evaluate=teaching_quality,
-                   evaluations=taught)
+                   evaluations=taught, noise=noise)
     # the wall time of this session of the run (a resumed run counts from its resumption)
     return {**{str(m): {**alone[m], **taught[m]} for m in milestones},
             "seconds": time.perf_counter() - start}, None
@@ -102,13 +112,14 @@ def _figure(runs, milestones, path):
     plt.close(fig)
 
 
-def _report(runs, milestones, seeds, n, figure):
+def _report(runs, milestones, seeds, n, figure, name="teaching-digits-budget", noise=True,
+            title="a larger budget"):
     lines = [
-        "## Variational MCMC teaching on digits: a larger budget",
+        f"## Variational MCMC teaching on digits: {title}",
         "",
-        f"`pyro-ebm reproduce teaching-digits-budget` — seeds {list(seeds)}; the VAE alone and MCMC teaching "
+        f"`pyro-ebm reproduce {name}` — seeds {list(seeds)}; the VAE alone and MCMC teaching "
         f"of `teaching-digits` (batch {BATCH}, K = {LANGEVIN_STEPS} ULA steps of size {STEP_SIZE}, "
-        "noise on), "
+        f"noise {'on' if noise else 'off: gradient descent, as the reference code ran'}), "
         f"trained for {milestones[-1]} iterations and measured at {', '.join(map(str, milestones))}. {n} "
         "samples against the test images; FD ↓ / MMD² ×1000 ↓, mean ± sd over seeds.",
         "",
