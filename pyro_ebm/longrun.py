@@ -60,6 +60,12 @@ class DeferredInterrupt:
     current step; the second raises ``KeyboardInterrupt`` at once; the previous
     handler comes back on exit.
 
+    A process that ignores SIGINT (``SIG_IGN``: e.g. a job a non-interactive
+    shell started in the background, so that Ctrl-C at the terminal spares it)
+    keeps ignoring it, as Python itself does; stop such a run with SIGTERM, or
+    restore the handler first (``signal.signal(signal.SIGINT,
+    signal.default_int_handler)``) to have Ctrl-C checkpoint it.
+
     :param str message: what the first Ctrl-C prints (``None``: nothing).
     """
 
@@ -74,7 +80,8 @@ class DeferredInterrupt:
             print(f"\n{self.message}", file=sys.stderr, flush=True)
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
             self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
 

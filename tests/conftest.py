@@ -24,6 +24,21 @@ def pytest_unconfigure(config):
     shutil.rmtree(_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _python_sigint():
+    """SIGINT handled by Python, as in a shell's foreground: a run started in the
+    background of a non-interactive shell inherits SIGINT ignored, which the
+    interrupt tests (and the processes they start) would inherit too."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_pyro_state():
     pyro.clear_param_store()

@@ -80,3 +80,17 @@ def test_load_draws_refuses_a_foreign_file(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="broken.pt cannot be read"):
         mcmc.load_draws(tmp_path / "broken.pt")
+
+
+def test_a_process_that_ignores_sigint_keeps_ignoring_it():
+    """SIG_IGN (a job a non-interactive shell started in the background) is left
+    alone, as Python leaves it: no handler is installed and the run is not stopped."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        full = run()
+        part = run(interrupt_at=25)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert part.num_samples == full.num_samples == 30
+    torch.testing.assert_close(part.positions, full.positions, rtol=0, atol=0)
