@@ -224,7 +224,37 @@ class SSM(ScoreObjective):
         return 0.5 * _flat(s).pow(2).sum(-1) + vjp_trace(vjp, noise)
 
 
-class DSM(ScoreObjective):
+class _Denoising(ScoreObjective):
+    """What DSM and MDSM share: the score is read at the data noised by
+    :meth:`perturb` with one standard normal draw ε per item, and the objective
+    per item is :meth:`residual` of that score."""
+
+    noised = True
+
+    def perturb(self, v, eps=None):
+        raise NotImplementedError
+
+    def residual(self, s, v, eps):
+        """The objective per item given the score ``s`` at ``perturb(v, eps)``."""
+        raise NotImplementedError
+
+    def per_item(self, score_fn, v):
+        eps = torch.randn_like(v)
+        x = self.perturb(v.detach(), eps).requires_grad_(True)
+        return self.residual(score_fn(x), v, eps)
+
+    def draw_noise(self, v):
+        return (torch.randn_like(v),)
+
+    def evaluation_point(self, v, noise):
+        return self.perturb(v, noise[0])
+
+    def pure_per_item(self, log_density, v, noise):
+        (eps,) = noise
+        return self.residual(_pure_score(log_density)(self.perturb(v, eps)), v, eps)
+
+
+class DSM(_Denoising):
     """Denoising score matching.
 
     .. math::
@@ -242,8 +272,6 @@ class DSM(ScoreObjective):
     autoencoders", Neural Computation 2011.
     """
 
-    noised = True
-
     def __init__(self, noise_scale):
         if not noise_scale > 0:
             raise ValueError(f"noise_scale must be > 0, got {noise_scale}")
@@ -253,28 +281,12 @@ class DSM(ScoreObjective):
         eps = torch.randn_like(v) if eps is None else eps
         return v + self.noise_scale * eps
 
-    def per_item(self, score_fn, v):
-        eps = torch.randn_like(v)
-        x = self.perturb(v.detach(), eps).requires_grad_(True)
-        return self.residual(score_fn(x), v, eps)
-
     def residual(self, s, v, eps):
         """The objective per item given the score ``s`` at ``perturb(v, eps)``."""
         return 0.5 * _flat(s + eps / self.noise_scale).pow(2).sum(-1)
 
-    def draw_noise(self, v):
-        return (torch.randn_like(v),)
 
-    def evaluation_point(self, v, noise):
-        return self.perturb(v, noise[0])
-
-    def pure_per_item(self, log_density, v, noise):
-        (eps,) = noise
-        s = _pure_score(log_density)(self.perturb(v, eps))
-        return 0.5 * _flat(s + eps / self.noise_scale).pow(2).sum(-1)
-
-
-class MDSM(ScoreObjective):
+class MDSM(_Denoising):
     """Multiscale denoising score matching.
 
     The noise level :math:`\\sigma_i` is fixed per batch position on a geometric
@@ -295,8 +307,6 @@ class MDSM(ScoreObjective):
     high-dimensional spaces with multi-scale denoising score matching", 2019.
     """
 
-    noised = True
-
     def __init__(self, sigma_min=0.05, sigma_max=1.0, sigma0=0.1):
         if not (sigma_min > 0 and sigma_max >= sigma_min and sigma0 > 0):
             raise ValueError(
@@ -312,24 +322,8 @@ class MDSM(ScoreObjective):
         eps = torch.randn_like(v) if eps is None else eps
         return v + self.sigmas(v) * eps
 
-    def per_item(self, score_fn, v):
-        eps = torch.randn_like(v)
-        x = self.perturb(v.detach(), eps).requires_grad_(True)
-        return self.residual(score_fn(x), v, eps)
-
     def residual(self, s, v, eps):
         """The objective per item given the score ``s`` at ``perturb(v, eps)``."""
-        return 0.5 * _flat(s / self.sigmas(v) + eps / self.sigma0**2).pow(2).sum(-1)
-
-    def draw_noise(self, v):
-        return (torch.randn_like(v),)
-
-    def evaluation_point(self, v, noise):
-        return self.perturb(v, noise[0])
-
-    def pure_per_item(self, log_density, v, noise):
-        (eps,) = noise
-        s = _pure_score(log_density)(self.perturb(v, eps))
         return 0.5 * _flat(s / self.sigmas(v) + eps / self.sigma0**2).pow(2).sum(-1)
 
 
