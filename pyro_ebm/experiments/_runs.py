@@ -54,6 +54,40 @@ def _plain(value):
     return json.loads(json.dumps(value))
 
 
+def at_milestones(step, milestones, evaluate, seed):
+    """``step(i, batch)`` that also runs ``evaluate()`` after the step that completes
+    each of ``milestones`` steps (counted from 1), on a random stream of its own
+    (``seed + i``; the training's stream is left as it was). At a milestone the
+    step's value becomes ``{"value": ..., "milestone": m, "evaluation": ...}``: the
+    evaluations are step values of :meth:`RunStore.train`, so a resumed run keeps
+    those made before the interruption. :func:`split_milestones` takes them apart."""
+    import torch
+
+    milestones = set(milestones)
+
+    def run_step(i, batch):
+        value = step(i, batch)
+        if i + 1 not in milestones:
+            return value
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + i)
+            return {"value": value, "milestone": i + 1, "evaluation": evaluate()}
+
+    return run_step
+
+
+def split_milestones(values):
+    """The steps' own values and ``{milestone: evaluation}`` from the values of a
+    loop whose step :func:`at_milestones` made."""
+    plain, evaluations = [], {}
+    for x in values:
+        if isinstance(x, dict) and "milestone" in x:
+            evaluations[x["milestone"]] = x["evaluation"]
+            x = x["value"]
+        plain.append(x)
+    return plain, evaluations
+
+
 class OptimState:
     """``state_dict`` / ``load_state_dict`` for a loop that steps a ``pyro.optim``
     optimizer itself (``pyro.infer.SVI``, a hand-written loss): the optimizer's

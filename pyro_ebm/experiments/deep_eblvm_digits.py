@@ -58,7 +58,7 @@ from ..infer import MDSM, BiSM
 from ..metrics import frechet_distance
 from ..models.deep import DeepEBLVM
 from ..models.nets import GaussianEncoder
-from ._runs import RunStore
+from ._runs import RunStore, at_milestones, split_milestones
 
 LATENT = 16
 WIDTH = 128
@@ -93,23 +93,18 @@ def train(seed, x_train, iterations, width=WIDTH, store=None, evaluate=None, mil
     training is checkpointed and resumable, the evaluations made so far included."""
     model, guide, bism = build(seed, width, compile=compile)
     stream = datasets.batches(x_train, BATCH, seed=seed, drop_last=True)
-    milestones = set(milestones) if evaluate is not None else set()
 
     def step(i, v):
-        loss = bism.step(v)
-        if i + 1 not in milestones:
-            return loss
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1000 + seed + i)
-            return {"loss": loss, "milestone": i + 1, "evaluation": evaluate(model, guide)}
+        return bism.step(v)
 
+    if evaluate is not None:
+        step = at_milestones(step, milestones, lambda: evaluate(model, guide), 1000 + seed)
     if store is None:
         values = [step(i, v) for i, v in zip(range(iterations), stream, strict=False)]
     else:
         values, _ = store.train("bism", bism, stream, iterations, step=step, modules=(model, guide),
                                 desc=f"BiMDSM seed {seed}")
-    losses = [x["loss"] if isinstance(x, dict) else x for x in values]
-    evaluations = {x["milestone"]: x["evaluation"] for x in values if isinstance(x, dict)}
+    losses, evaluations = split_milestones(values)
     return model, guide, losses, evaluations
 
 

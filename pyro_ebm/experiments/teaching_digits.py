@@ -53,7 +53,7 @@ from ..metrics import frechet_distance, mmd
 from ..models import VAE, GaussianDecoder, MLPEnergy
 from ..models import train_vae as fit_vae
 from ..models.nets import MLP, GaussianEncoder
-from ._runs import OptimState, RunStore
+from ._runs import OptimState, RunStore, at_milestones, split_milestones
 
 LATENT = 16
 HIDDEN = 256
@@ -132,27 +132,17 @@ def _loop(store, name, state, batches, iterations, step, modules, evaluate=None,
 
     With ``evaluate`` and a dict ``evaluations``, ``evaluations[m] = evaluate()``
     after each step ``m`` (counted from 1) that is a key of ``evaluations`` (the
-    milestones, with the value ``None`` until then), on a random stream of its
-    own seeded by ``seed`` and ``m``; the evaluations are the loop's step values,
-    so a resumed run keeps those made before the interruption."""
-    milestones = set(evaluations) if evaluate is not None and evaluations is not None else set()
-
-    def run_step(i, batch):
-        value = step(i, batch)
-        if i + 1 not in milestones:
-            return value
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(2000 + seed + i)
-            return {"milestone": i + 1, "evaluation": evaluate()}
-
+    milestones, with the value ``None`` until then); see
+    :func:`~pyro_ebm.experiments._runs.at_milestones`."""
+    if evaluate is not None and evaluations is not None:
+        step = at_milestones(step, evaluations, evaluate, 2000 + seed)
     if store is None:
-        values = [run_step(i, batch) for i, batch in enumerate(batches)]
+        values = [step(i, batch) for i, batch in enumerate(batches)]
     else:
-        values, _ = store.train(name, state, batches, iterations, step=run_step, modules=modules,
+        values, _ = store.train(name, state, batches, iterations, step=step, modules=modules,
                                 desc=f"{name}")
-    for x in values:
-        if isinstance(x, dict) and "milestone" in x:
-            evaluations[x["milestone"]] = x["evaluation"]
+    if evaluations is not None:
+        evaluations.update(split_milestones(values)[1])
 
 
 def train_vae(seed, x_train, iterations, store=None, evaluate=None, evaluations=None):
