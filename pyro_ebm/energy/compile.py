@@ -59,17 +59,34 @@ def _on_cuda(args):
     return False
 
 
-def _own_code(fn):
+#: code objects shared by the callers that pass the same ``code_key`` (see :func:`_own_code`)
+_CODES = {}
+
+
+def _own_code(fn, key=None):
     """``fn`` with a code object of its own. ``torch.compile`` keeps its compiled
     graphs per code object, at most ``torch._dynamo.config.recompile_limit`` (8)
-    of them, and the steps of all trainers are closures of a few functions, each
-    guarded on what it closes over: without a code object each, the ninth trainer
-    of a process (say, the third seed of three methods) would silently run its
-    step uncompiled."""
+    of them, and the steps of all trainers and samplers are closures of a few
+    functions, each guarded on what it closes over: without a code object each,
+    the ninth trainer of a process (say, the third seed of three methods) would
+    silently run its step uncompiled.
+
+    ``key=None`` gives a fresh code object (a trainer's step: compiled once, for
+    that trainer); a key gives the code object of that key, so that callers that
+    compute the same thing (a sampler's step on the same potential, called again)
+    find the graphs compiled before instead of compiling anew."""
     if not isinstance(fn, types.FunctionType):
         return fn
-    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
-                             fn.__closure__)
+    if key is None:
+        code = fn.__code__.replace()
+    else:
+        key = (fn.__code__, key)
+        code = _CODES.get(key)
+        if code is None:
+            if len(_CODES) >= 256:  # forgetting a copy costs a compile, never a wrong result
+                _CODES.clear()
+            code = _CODES[key] = fn.__code__.replace()
+    own = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     own.__kwdefaults__ = fn.__kwdefaults__
     return functools.update_wrapper(own, fn, updated=())
 
@@ -91,12 +108,15 @@ class Compiled:
     :param callable fn: a pure function of tensors.
     :param dict options: :func:`compile_options`'s result.
     :param str what: what ``fn`` computes, for the warning (e.g. ``"the DSM step"``).
+    :param code_key: ``None`` (default) compiles ``fn`` under a code object of its
+        own; a hashable key shares the compiled graphs with every ``Compiled`` of
+        the same function and key (see :func:`_own_code`).
 
     :ivar bool fell_back: whether compiling failed and ``fn`` runs eagerly.
     """
 
-    def __init__(self, fn, options, what):
-        self.fn, self.options, self.what = fn, options, what
+    def __init__(self, fn, options, what, code_key=None):
+        self.fn, self.options, self.what, self.code_key = fn, options, what, code_key
         self._compiled = None
         self._graphs = False
         self.fell_back = options is None
@@ -110,7 +130,7 @@ class Compiled:
                 if "mode" not in options and "backend" not in options and _on_cuda(args):
                     options["mode"] = "reduce-overhead"  # CUDA graphs: one launch per step
                 self._graphs = options.get("mode") == "reduce-overhead"
-                self._compiled = torch.compile(_own_code(self.fn), **options)
+                self._compiled = torch.compile(_own_code(self.fn, self.code_key), **options)
             if self._graphs:
                 torch.compiler.cudagraph_mark_step_begin()
                 return _clone(self._compiled(*args))  # a graph's outputs are overwritten by its next run

@@ -25,7 +25,6 @@ potential function is used as it is.
 
 from __future__ import annotations
 
-import types
 import warnings
 from typing import NamedTuple, Optional
 
@@ -71,25 +70,14 @@ def _pure_potential(potential, position):
     return (lambda params, x: potential(x)), [], None
 
 
-#: a copy of the step's code per (kernel type, potential): torch.compile keeps its
-#: compiled graphs and its recompile limit (8) per code object, so one shared
-#: code would stop compiling, silently, after the eighth model or shape
-_CODES = {}
-
-
-def _own_code(fn, kernel, potential, pure, steps=1):
-    """``fn`` (a closure) with a code object of its own for this kernel type,
-    potential (the traced graph of a model, or a plain potential's code) and
-    number of steps per call."""
+def _code_key(kernel, potential, pure, steps=1):
+    """What a compiled step's graphs are shared by (see
+    :func:`~pyro_ebm.energy.compile._own_code`): the kernel type, the potential
+    (the traced graph of a model, or a plain potential's code) and the number of
+    steps per call, so that sampling the same potential again compiles nothing."""
     entry = getattr(pure, "_entry", None) if pure is not None else None
     target = id(entry) if entry is not None else getattr(potential, "__code__", type(potential))
-    key = (fn.__code__, type(kernel), target, steps)
-    code = _CODES.get(key)
-    if code is None:
-        if len(_CODES) >= 256:  # forgetting a copy costs a compile, never a wrong result
-            _CODES.clear()
-        code = _CODES[key] = fn.__code__.replace()
-    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return (type(kernel), target, steps)
 
 
 def _potential_and_grad(potential, params, x):
@@ -131,9 +119,8 @@ def compiled_step(kernel, state, options):
         return kernel.move(lambda z: _potential_and_grad(potential, params, z), x, u, g, step_size,
                            momentum, *inputs)
 
-    pure_step = _own_code(pure_step, kernel, state.potential_fn, pure)
-    return CompiledSteps(kernel, potential, params, Compiled(pure_step, options, f"the {name} step"),
-                         state.potential_fn, pure, options)
+    one = Compiled(pure_step, options, f"the {name} step", code_key=_code_key(kernel, state.potential_fn, pure))
+    return CompiledSteps(kernel, potential, params, one, state.potential_fn, pure, options)
 
 
 class Steps(NamedTuple):
@@ -180,7 +167,8 @@ class CompiledSteps:
         many = self._many.get(k)
         if many is None:
             many = self._many[k] = Compiled(self._pure_steps(k), _many_options(self._options, state),
-                                            f"the {type(kernel).__name__} step")
+                                            f"the {type(kernel).__name__} step",
+                                            code_key=_code_key(kernel, self._potential_fn, self._pure, k))
         many.fell_back = many.fell_back or self._one.fell_back  # one warning, not one per function
         x, u, g, momentum, *reports = many(self._params, state.position, state.potential_energy, state.grad,
                                            state.step_size, state.momentum, *stacked)
@@ -205,7 +193,7 @@ class CompiledSteps:
             columns = ([getattr(r, name) for r in reports] for name in Steps._fields)
             return (x, u, g, momentum, *(None if c[0] is None else torch.stack(c) for c in columns))
 
-        return _own_code(pure_steps, kernel, self._potential_fn, self._pure, k)
+        return pure_steps
 
 
 def _many_options(options, state):

@@ -219,6 +219,20 @@ def test_each_model_compiles_within_its_own_recompile_limit():
             assert graphs >= 1, shift
 
 
+@pytest.mark.parametrize("target", ["model", "potential"])
+def test_sampling_the_same_target_again_compiles_nothing(target):
+    """A second ``mcmc.sample(compile=...)`` call on the same model (or potential)
+    and shapes reuses the graphs of the first: it compiles no new graph, one step
+    per call and k steps per call alike."""
+    target = "model" if target == "model" else quartic
+    torch._dynamo.reset()
+    _, first = compiled_graphs(lambda: run(target, mcmc.MALA(0.05), FAST, seed=1))
+    again, second = compiled_graphs(lambda: run(target, mcmc.MALA(0.05), FAST, seed=2))
+    assert first >= 2  # the warmup's one-step function and the k-step function after it
+    assert second == 0
+    assert torch.isfinite(next(iter(again.get_samples().values()))).all()
+
+
 def counting_runs(monkeypatch, interrupt_after=None):
     """Count the calls of ``CompiledSteps.run`` (and their step counts); with
     ``interrupt_after``, send SIGINT to this process after that many calls."""
