@@ -119,7 +119,8 @@ def compiled_step(kernel, state, options):
         return kernel.move(lambda z: _potential_and_grad(potential, params, z), x, u, g, step_size,
                            momentum, *inputs)
 
-    one = Compiled(pure_step, options, f"the {name} step", code_key=_code_key(kernel, state.potential_fn, pure))
+    one = Compiled(pure_step, options, f"the {name} step",
+                   code_key=_code_key(kernel, state.potential_fn, pure))
     return CompiledSteps(kernel, potential, params, one, state.potential_fn, pure, options)
 
 
