@@ -346,6 +346,20 @@ def _meta(node):
     return (val.shape, val.dtype) if torch.is_tensor(val) else None
 
 
+def _squeezes_kept_dims(node):
+    """Whether ``node`` squeezes exactly the dims that its input, a sum with
+    ``keepdim=True`` used by nothing else, kept (the per-item log density's
+    reduction over the event dims)."""
+    aten = torch.ops.aten
+    if node.target is not aten.squeeze.dims or len(node.args) != 2 or node.kwargs:
+        return False
+    source = node.args[0]
+    return (isinstance(source, torch.fx.Node) and source.target is aten.sum.dim_IntList
+            and len(source.args) == 3 and source.args[2] is True and not source.kwargs
+            and len(source.users) == 1 and list(node.args[1])  # an empty list sums over every dim
+            and list(source.args[1]) == list(node.args[1]))
+
+
 def _simplify(graph):
     """Drop the ops that return their input unchanged (a view or expand to the same
     shape, a product with 1), which an aten graph keeps from the Pyro path's
@@ -357,6 +371,11 @@ def _simplify(graph):
         if node.op != "call_function" or not node.args:
             continue
         source = node.args[0]
+        if _squeezes_kept_dims(node):  # sum(x, dims, keepdim=True).squeeze(dims) is sum(x, dims)
+            source.args = source.args[:2]
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            continue
         if _meta(source) is None or _meta(source) != _meta(node):
             continue
         if node.target in same_shape:
@@ -401,13 +420,24 @@ def _adds_zero(user, node, value):
             and not bool(value.any()))
 
 
+#: factories whose value depends on their tensor argument's dtype, device and
+#: shape only, which a traced signature fixes (``c.new_ones(k)`` for a prior's
+#: probabilities, ``torch.zeros_like(x)`` for a location)
+_METADATA_ONLY = frozenset({
+    torch.ops.aten.new_ones.default, torch.ops.aten.new_zeros.default, torch.ops.aten.new_full.default,
+    torch.ops.aten.ones_like.default, torch.ops.aten.zeros_like.default, torch.ops.aten.full_like.default,
+})
+
+
 def _fold_constants(gm):
     """Compute once, at trace time, every op that reads no graph input (the
     distributions' parameters built from constants, e.g. a prior's ``log(scale)``
     expanded over the chains), and keep its value as a constant of the graph: the
     traced function then does per call only the work that depends on its inputs.
-    Each folded value is stored at its smallest broadcasting size and expanded
-    (a view) back to its shape."""
+    A factory that reads only its input's dtype, device and shape
+    (:data:`_METADATA_ONLY`, e.g. ``c.new_ones(k)``) counts as reading no input:
+    the signature the graph is traced for fixes those. Each folded value is stored
+    at its smallest broadcasting size and expanded (a view) back to its shape."""
     graph = gm.graph
     known = {}
     for node in graph.nodes:
@@ -420,11 +450,23 @@ def _fold_constants(gm):
             continue
         if node.target._schema.is_mutable or torch.Tag.nondeterministic_seeded in node.target.tags:
             continue
-        if not all(n in known for n in node.all_input_nodes):
+        lookup = known.__getitem__
+        if node.target in _METADATA_ONLY and node.args and isinstance(node.args[0], torch.fx.Node):
+            val = node.args[0].meta.get("val")  # a fake tensor: its dtype, device and shape
+            if not torch.is_tensor(val):
+                continue
+            like = torch.empty(val.shape, dtype=val.dtype, device=val.device)
+
+            def lookup(n, first=node.args[0], like=like):
+                return like if n is first else known[n]
+
+            if not all(n in known for n in node.all_input_nodes if n is not node.args[0]):
+                continue
+        elif not all(n in known for n in node.all_input_nodes):
             continue
         try:
-            args = torch.fx.node.map_arg(node.args, known.__getitem__)
-            kwargs = torch.fx.node.map_arg(node.kwargs, known.__getitem__)
+            args = torch.fx.node.map_arg(node.args, lookup)
+            kwargs = torch.fx.node.map_arg(node.kwargs, lookup)
             with torch.no_grad():
                 value = node.target(*args, **kwargs)
         except Exception:  # noqa: BLE001 - an op that will not run here stays in the graph

@@ -731,3 +731,61 @@ def test_graph_folds_constant_ops(chains):
     (g,) = torch.autograd.grad(lp.sum(), w)
     (g_ref,) = torch.autograd.grad(ref.sum(), w)
     torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def _like_model(features, theta):
+    """A prior built from another tensor's dtype, device and shape only."""
+    probs = 0.5 * theta.new_ones(theta.shape[0])
+    loc = torch.zeros_like(theta)
+    with pyro.plate("data", features.shape[0]):
+        h = pyro.sample("h", dist.Bernoulli(probs).to_event(1))
+        pyro.factor("e", -((features - loc.sum()) ** 2).sum(-1) + (h * theta).sum(-1))
+
+
+def test_graph_folds_factories_that_read_only_metadata():
+    """``theta.new_ones(k)`` and ``torch.zeros_like(theta)`` read only the dtype,
+    device and shape of ``theta``, which the traced signature fixes: they and
+    what is computed from them alone (the prior's logits) fold into constants,
+    while ``theta``'s value and gradient still flow; values and gradients equal
+    the Pyro path's, and a new shape of ``theta`` traces anew."""
+    aten = torch.ops.aten
+    factories = {aten.new_ones.default, aten.zeros_like.default, aten.log.default, aten.log1p.default}
+    view = EnergyView(_like_model)
+    for hidden in (3, 5):
+        features = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+        theta = torch.randn(hidden, dtype=torch.float64, requires_grad=True)
+        h = torch.rand(6, hidden, dtype=torch.float64, requires_grad=True)
+        pure = view.pure(features, theta, values={"h": h})
+        module = pure._entry.forward.__self__
+        ops = {n.target for n in module.graph.nodes if n.op == "call_function"}
+        assert not ops & factories, ops
+        lp = pure(pure.parameters(), features, theta, values={"h": h})
+        ref = view._pyro_log_density(view.structure(features, theta), (features, theta), {}, {"h": h}, False,
+                                     None)
+        torch.testing.assert_close(lp, ref, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad(lp, (features, theta, h))
+        refs = torch.autograd.grad(ref, (features, theta, h))
+        for g, g_ref in zip(grads, refs, strict=True):
+            torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_graph_sums_without_keeping_a_dim_it_squeezes():
+    """The total log density's last reduction, a sum that keeps its dim followed
+    by a squeeze of that dim, becomes one sum; value and gradients equal the Pyro
+    path's."""
+    from pyro_ebm.models import GaussianRBM
+
+    grbm = GaussianRBM(3, 2).double()
+    view = EnergyView(grbm.marginal)
+    v = torch.rand(7, 3, dtype=torch.float64, requires_grad=True)
+    pure = view.pure(v)
+    module = pure._entry.forward.__self__
+    ops = [n.target for n in module.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.squeeze.dims not in ops, ops
+    lp = pure(pure.parameters(), v)
+    ref = view._pyro_log_density(view.structure(v), (v,), {}, {}, False, None)
+    assert lp.shape == ref.shape == ()
+    torch.testing.assert_close(lp, ref, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(torch.autograd.grad(lp, [v, grbm.W], create_graph=True),
+                        torch.autograd.grad(ref, [v, grbm.W], create_graph=True), strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
