@@ -308,7 +308,8 @@ class EnergyView:
     def _grad_v(self, lp, v, create_graph):
         grad = None
         if lp.requires_grad:
-            (grad,) = torch.autograd.grad(lp.sum(), v, create_graph=create_graph, allow_unused=True)
+            total = lp if lp.dim() == 0 else lp.sum()  # a 0-d sum would cost a node each way
+            (grad,) = torch.autograd.grad(total, v, create_graph=create_graph, allow_unused=True)
         if grad is None:
             raise ValueError(
                 "the model's log density does not depend on the data: it needs a "
