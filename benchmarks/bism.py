@@ -184,6 +184,7 @@ def _trainers(size, compile=True):
         grbm = GaussianRBM(visible, hidden, name=f"{size}_{len(trainers)}")
         return grbm, AmortizedBernoulli(visible, hidden, site="h", temperature=TEMPERATURE)
 
+    pyro.clear_param_store()  # the guides of another size registered the same names
     trainers = {}
     grbm, _ = models()
     trainers[BASE] = ScoreMatching(grbm.marginal, optim(), objective=DSM(sigma)).step
