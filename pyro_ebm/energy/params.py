@@ -120,9 +120,12 @@ def adopt_store(own, sites):
             out.append((name, tensor))
             continue
         if p.shape != tensor.shape:
-            raise ValueError(f"Pyro's param store holds '{name}' of shape {tuple(tensor.shape)}, but the "
-                             f"module's parameter has shape {tuple(p.shape)}; load a saved trainer with "
-                             "trainer.load_state_dict(torch.load(path)) instead")
+            raise ValueError(
+                f"Pyro's param store holds '{name}' of shape {tuple(tensor.shape)}, but the module's "
+                f"parameter has shape {tuple(p.shape)}: another module of the same Pyro name registered it "
+                "(call pyro.clear_param_store() before building a new model or guide, or give the modules "
+                "distinct names), or a saved store was loaded (load a saved trainer with "
+                "trainer.load_state_dict(torch.load(path)) instead)")
         with torch.no_grad():
             p.copy_(tensor)
         key = _store_key(name)

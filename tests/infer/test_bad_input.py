@@ -191,3 +191,23 @@ def test_steps_train_under_the_callers_no_grad(name):
         step(v)
     after = list(parts["energy"].parameters())
     assert any(not torch.equal(a.detach(), b) for a, b in zip(after, before, strict=True))
+
+
+def test_two_guides_of_one_pyro_name_and_other_shapes_get_an_error_that_says_so():
+    """Two ``AmortizedBernoulli`` guides register ``encoder.weight`` under the same
+    Pyro name; when the second has other shapes, its trainer's first step says
+    which parameter, both shapes, and how to keep the models apart."""
+    pyro.clear_param_store()
+    v = torch.rand(8, D)
+    first = BiSM(GaussianRBM(D, H), AmortizedBernoulli(D, H, site="h"), adam(), objective=DSM(0.1),
+                 inner_steps=1, unroll_steps=0)
+    first.step(v)
+    second = BiSM(GaussianRBM(D, H + 1, name="other"), AmortizedBernoulli(D, H + 1, site="h"), adam(),
+                  objective=DSM(0.1), inner_steps=1, unroll_steps=0)
+    with pytest.raises(ValueError, match=re.escape(f"'encoder.weight' of shape ({H}, {D}), but the module's "
+                                                   f"parameter has shape ({H + 1}, {D})")) as err:
+        second.step(v)
+    assert "pyro.clear_param_store()" in str(err.value)
+    pyro.clear_param_store()
+    second.step(v)  # after clearing, the second trainer trains
+    assert second.num_steps == 1
