@@ -452,10 +452,10 @@ def _fold_constants(gm):
             continue
         lookup = known.__getitem__
         if node.target in _METADATA_ONLY and node.args and isinstance(node.args[0], torch.fx.Node):
-            val = node.args[0].meta.get("val")  # a fake tensor: its dtype, device and shape
+            val = node.args[0].meta.get("val")  # a fake tensor: its dtype, device, shape and strides
             if not torch.is_tensor(val):
                 continue
-            like = torch.empty(val.shape, dtype=val.dtype, device=val.device)
+            like = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
 
             def lookup(n, first=node.args[0], like=like):
                 return like if n is first else known[n]
