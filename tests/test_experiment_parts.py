@@ -155,3 +155,11 @@ def test_budget_verdict_says_whether_the_taught_vae_wins_beyond_the_spread():
     assert budget.verdict(_runs(20.0, 20.05), (100,)).startswith("**The taught VAE does not beat")
     assert "FD equal within the spread" in budget.verdict(_runs(20.0, 20.05), (100,))
     assert "FD worse" in budget.verdict(_runs(30.0, 20.0), (100,))
+
+
+def test_mean_sd_and_cell_give_the_sample_sd_over_seeds():
+    from pyro_ebm.experiments._runs import cell, mean_sd
+
+    assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample sd (n - 1)
+    assert mean_sd(x for x in [4.0]) == (4.0, 0.0)  # one seed: no spread; a generator is fine
+    assert cell([1.0, 2.0, 3.0], 1) == "2.0 ± 1.0"

@@ -19,7 +19,7 @@ from .. import datasets
 from ..guides import AmortizedBernoulli
 from ..infer import DSM, SSM, BiSM, ContrastiveDivergence, ExactSM, ScoreMatching, VaGES
 from ..models import GaussianRBM
-from ._runs import STOP, OptimState
+from ._runs import STOP, OptimState, mean_sd
 
 #: bi-level / variational method -> its plain score-matching counterpart
 COUNTERPART = {
@@ -129,8 +129,7 @@ def _fmt(values, digits=3):
     finite = [x for x in values if math.isfinite(x)]
     if not finite:
         return "diverged"
-    mean = statistics.fmean(finite)
-    sd = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    mean, sd = mean_sd(finite)
     note = "" if len(finite) == len(values) else f" ({len(values) - len(finite)} diverged)"
     return f"{mean:.{digits}f} ± {sd:.{digits}f}{note}"
 
@@ -187,8 +186,8 @@ def verdict(results):
             parts.append(f"{name}: diverged in some seed")
             holds = False
             continue
-        ma, mb = statistics.fmean(a), statistics.fmean(b)
-        sd = max(statistics.stdev(a) if len(a) > 1 else 0.0, statistics.stdev(b) if len(b) > 1 else 0.0)
+        (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+        sd = max(sa, sb)
         ok = ma >= mb - sd
         holds &= ok
         parts.append(f"{name} {ma:.3f} vs {base} {mb:.3f} (sd {sd:.3f}): "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -52,6 +53,20 @@ def _plain(value):
     """``value`` as it reads back from JSON (tuples become lists), so that a fresh
     run and a loaded one feed the report the same values."""
     return json.loads(json.dumps(value))
+
+
+def mean_sd(values):
+    """Mean and sample standard deviation of ``values`` (sd 0 for one value): the
+    spread over seeds that every report gives."""
+    values = list(values)
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def cell(values, digits=2):
+    """``"mean ± sd"`` of ``values`` (:func:`mean_sd`), for a report's table."""
+    mean, sd = mean_sd(values)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
 def at_milestones(step, milestones, evaluate, seed):

@@ -43,7 +43,6 @@ Langevin noise (√(2γ) per step at T = 1) in the final images.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -58,7 +57,7 @@ from ..infer import MDSM, BiSM
 from ..metrics import frechet_distance
 from ..models.deep import DeepEBLVM
 from ..models.nets import GaussianEncoder
-from ._runs import RunStore, at_milestones, split_milestones
+from ._runs import RunStore, at_milestones, mean_sd, split_milestones
 
 LATENT = 16
 WIDTH = 128
@@ -285,14 +284,9 @@ def _curve_figure(rows, reference, path):
     plt.close(fig)
 
 
-def _mean_sd(values):
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _markdown(rows, reference, pixels_probe, iterations, steps_per_level, n, quick):
     def fmt(key, digits=1, scale=1.0):
-        mean, sd = _mean_sd([scale * r[key] for r in rows])
+        mean, sd = mean_sd([scale * r[key] for r in rows])
         return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
     seeds = ", ".join(str(r["seed"]) for r in rows)
@@ -321,8 +315,8 @@ def _markdown(rows, reference, pixels_probe, iterations, steps_per_level, n, qui
               "| iterations | joint | conditional |", "|---|---|---|"]
     curve = {}
     for m in milestones:
-        joint = _mean_sd([r["curve"][str(m)]["joint"] for r in rows])
-        cond = _mean_sd([r["curve"][str(m)]["cond"] for r in rows])
+        joint = mean_sd([r["curve"][str(m)]["joint"] for r in rows])
+        cond = mean_sd([r["curve"][str(m)]["cond"] for r in rows])
         curve[m] = (joint, cond)
         lines.append(f"| {m} | {joint[0]:.1f} ± {joint[1]:.1f} | {cond[0]:.1f} ± {cond[1]:.1f} |")
     lines += [
@@ -334,7 +328,7 @@ def _markdown(rows, reference, pixels_probe, iterations, steps_per_level, n, qui
         f"{fmt('chance', 1, 100)} % expected by chance from the two label distributions.",
         "",
         "Upper (MDSM) loss, mean of the first / last 50 steps: "
-        f"{_mean_sd([r['first'] for r in rows])[0]:.4g} / {_mean_sd([r['last'] for r in rows])[0]:.4g}; "
+        f"{mean_sd([r['first'] for r in rows])[0]:.4g} / {mean_sd([r['last'] for r in rows])[0]:.4g}; "
         f"training {fmt('train_s', 0)} s (with the "
         f"milestones' sampling), sampling {fmt('sample_s', 0)} s per seed (one CPU thread).",
         "",
@@ -355,14 +349,14 @@ def _verdict(rows, reference, curve, pixels_probe):
     else:
         stop = (f"FD still improves at the last doubling ({prev[0]:.1f} → {last[0]:.1f}, spread "
                 f"±{spread:.1f}); the best joint FD is at {best} iterations")
-    probe = _mean_sd([r["probe"] for r in rows])[0]
-    agree = _mean_sd([r["agree"] for r in rows])[0]
-    chance = _mean_sd([r["chance"] for r in rows])[0]
+    probe = mean_sd([r["probe"] for r in rows])[0]
+    agree = mean_sd([r["agree"] for r in rows])[0]
+    chance = mean_sd([r["chance"] for r in rows])[0]
     keeps = ("the guide's mean carries much of the class" if probe >= 0.5 * pixels_probe
              else "the guide's mean carries little of the class")
     samples = ("conditional samples keep it" if agree >= 2 * chance
                else "the conditional samples do not keep it")
-    return (f"**Verdict.** {stop}. Joint samples end at FD {_mean_sd([r['joint'] for r in rows])[0]:.1f}, "
+    return (f"**Verdict.** {stop}. Joint samples end at FD {mean_sd([r['joint'] for r in rows])[0]:.1f}, "
             f"between real TRAIN images ({reference['TRAIN images (reference)']:.1f}) and uniform noise "
             f"({reference['uniform noise (reference)']:.1f}). Class: {keeps} (probe {100 * probe:.0f} % "
             f"against {100 * pixels_probe:.0f} % on pixels), and {samples} (agreement {100 * agree:.0f} % "

@@ -53,7 +53,7 @@ from ..metrics import frechet_distance, mmd
 from ..models import VAE, GaussianDecoder, MLPEnergy
 from ..models import train_vae as fit_vae
 from ..models.nets import MLP, GaussianEncoder
-from ._runs import OptimState, RunStore, at_milestones, split_milestones
+from ._runs import OptimState, RunStore, at_milestones, cell, split_milestones
 
 LATENT = 16
 HIDDEN = 256
@@ -236,12 +236,6 @@ def draw_rows(vae, short, teaching, n, seed):
     return drawn
 
 
-def _cell(values, digits=2):
-    mean = statistics.fmean(values)
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
-
-
 def _grid(ax, x, title, rows=4, cols=10):
     n = rows * cols
     img = x[:n].clamp(0, 1).reshape(rows, cols, 8, 8).permute(0, 2, 1, 3).reshape(rows * 8, cols * 8)
@@ -354,8 +348,8 @@ def _report(results, accuracy, seconds, reference, seeds, iterations, n, per_cla
         "|---|---|---|",
     ]
     for row in ROWS:
-        lines.append(f"| {row} | {_cell([r['fd'] for r in results[row]])} | "
-                     f"{_cell([r['mmd'] for r in results[row]])} |")
+        lines.append(f"| {row} | {cell([r['fd'] for r in results[row]])} | "
+                     f"{cell([r['mmd'] for r in results[row]])} |")
     ms = {k: 1000 * statistics.fmean(v) for k, v in seconds.items()}
     lines += [
         "",

@@ -14,14 +14,13 @@ steps (x̃).
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from .. import datasets
-from ._runs import RunStore
+from ._runs import RunStore, mean_sd
 from .teaching_digits import BATCH, LANGEVIN_STEPS, STEP_SIZE, sample_quality, train_teaching, train_vae
 
 ITERATIONS = 4800
@@ -85,8 +84,14 @@ def _one_seed(seed, x_train, x_test, iterations, milestones, store, noise=True):
 
 
 def _stats(runs, m, kind, key):
-    values = [r[str(m)][kind][key] for r in runs]
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return mean_sd(r[str(m)][kind][key] for r in runs)
+
+
+def _compare(runs, m, key):
+    """``(taught, alone, spread)``: the taught VAE's x0 and the VAE alone's mean
+    ``key`` at ``m`` iterations, and the larger of their seed spreads."""
+    (a, sa), (b, sb) = _stats(runs, m, "teaching, VAE (x0)", key), _stats(runs, m, "VAE alone", key)
+    return a, b, max(sa, sb)
 
 
 def _figure(runs, milestones, path):
@@ -145,8 +150,7 @@ def verdict(runs, milestones):
     for m in milestones:
         words = []
         for key, name in (("fd", "FD"), ("mmd", "MMD")):
-            (a, sa), (b, sb) = _stats(runs, m, "teaching, VAE (x0)", key), _stats(runs, m, "VAE alone", key)
-            spread = max(sa, sb)
+            a, b, spread = _compare(runs, m, key)
             if a < b - spread:
                 words.append(f"{name} better ({a:.2f} vs {b:.2f})")
             elif a > b + spread:
@@ -154,11 +158,7 @@ def verdict(runs, milestones):
             else:
                 words.append(f"{name} equal within the spread ({a:.2f} vs {b:.2f}, ±{spread:.2f})")
         parts.append(f"at {m} iterations the taught VAE is " + ", ".join(words))
-    last = milestones[-1]
-    holds = all(_stats(runs, last, "teaching, VAE (x0)", k)[0]
-                < _stats(runs, last, "VAE alone", k)[0] - max(_stats(runs, last, "teaching, VAE (x0)", k)[1],
-                                                               _stats(runs, last, "VAE alone", k)[1])
-                for k in ("fd", "mmd"))
+    holds = all(a < b - spread for a, b, spread in (_compare(runs, milestones[-1], k) for k in ("fd", "mmd")))
     head = ("**The taught VAE beats the VAE alone at the largest budget**" if holds else
             "**The taught VAE does not beat the VAE alone beyond the seeds' spread at the largest budget**")
     return head + ": " + "; ".join(parts) + "."

@@ -36,7 +36,7 @@ from ..metrics import mmd, mode_coverage
 from ..models import VAE, GaussianDecoder, MLPEnergy
 from ..models import train_vae as fit_vae
 from ..models.nets import MLP, GaussianEncoder
-from ._runs import OptimState, RunStore
+from ._runs import OptimState, RunStore, cell, mean_sd
 from .teaching_digits import ROWS, _loop, draw_rows, short_run_ebm
 
 LATENT = 2
@@ -128,7 +128,6 @@ def quality(samples, x_test):
 
 
 
-
 def _figure(samples, energies, x_test, path):
     import matplotlib
 
@@ -156,12 +155,6 @@ def _figure(samples, energies, x_test, path):
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-def _cell(values, digits=2):
-    mean = statistics.fmean(values)
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
 def run(out_dir: Path, quick: bool = False, seeds=(0, 1, 2), resume: bool = False) -> str:
@@ -235,8 +228,8 @@ def _report(results, seconds, reference, seeds, iterations, n):
     ]
     for row in ROWS:
         r = results[row]
-        lines.append(f"| {row} | {_cell([v['mmd'] for v in r])} | {_cell([v['modes'] for v in r], 1)} | "
-                     f"{_cell([100 * v['off'] for v in r], 1)} |")
+        lines.append(f"| {row} | {cell([v['mmd'] for v in r])} | {cell([v['modes'] for v in r], 1)} | "
+                     f"{cell([100 * v['off'] for v in r], 1)} |")
     lines += ["", "Training cost (ms per iteration, one thread): "
               + ", ".join(f"{k} {v:.0f}" for k, v in ms.items()) + ".", "", _verdict(results), "",
               "Sample histograms and the learned densities exp(−E) (seed 0): `teaching_toy.png`.", ""]
@@ -244,9 +237,8 @@ def _report(results, seconds, reference, seeds, iterations, n):
 
 
 def _verdict(results):
-    mean = {row: statistics.fmean(v["mmd"] for v in results[row]) for row in ROWS}
-    sd = {row: statistics.stdev(v["mmd"] for v in results[row]) if len(results[row]) > 1 else 0.0
-          for row in ROWS}
+    stats = {row: mean_sd(v["mmd"] for v in results[row]) for row in ROWS}
+    mean, sd = {row: m for row, (m, _) in stats.items()}, {row: s for row, (_, s) in stats.items()}
     rev, x0 = mean["teaching, revised (x̃)"], mean["teaching, VAE (x0)"]
     short, vae = mean["short-run EBM"], mean["VAE alone"]
     text = (f"**Verdict.** MMD² ×1000: teaching revised {rev:.2f}, short-run EBM from noise {short:.2f}, "
