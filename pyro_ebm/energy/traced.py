@@ -450,20 +450,21 @@ def _fold_constants(gm):
             continue
         if node.target._schema.is_mutable or torch.Tag.nondeterministic_seeded in node.target.tags:
             continue
+        # a metadata-only factory reads its first argument for dtype, device, shape and strides
+        first = (node.args[0] if node.target in _METADATA_ONLY and node.args
+                 and isinstance(node.args[0], torch.fx.Node) else None)
+        if not all(n in known for n in node.all_input_nodes if n is not first):
+            continue
         lookup = known.__getitem__
-        if node.target in _METADATA_ONLY and node.args and isinstance(node.args[0], torch.fx.Node):
-            val = node.args[0].meta.get("val")  # a fake tensor: its dtype, device, shape and strides
+        if first is not None:
+            val = first.meta.get("val")  # a fake tensor
             if not torch.is_tensor(val):
                 continue
-            like = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
+            stand_in = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
 
-            def lookup(n, first=node.args[0], like=like):
-                return like if n is first else known[n]
+            def lookup(n, first=first, stand_in=stand_in):
+                return stand_in if n is first else known[n]
 
-            if not all(n in known for n in node.all_input_nodes if n is not node.args[0]):
-                continue
-        elif not all(n in known for n in node.all_input_nodes):
-            continue
         try:
             args = torch.fx.node.map_arg(node.args, lookup)
             kwargs = torch.fx.node.map_arg(node.kwargs, lookup)
